@@ -1,0 +1,125 @@
+"""`merge_method: dam` for mergekit: a declarative spec plus a small kernel.
+
+The spec declares every DAM setting so mergekit resolves and passes them to the kernel;
+the kernel looks up where the coefficients come from (stage.py) and applies them
+(apply.py) in float32 on mergekit's math device.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from typing import Any, Optional, Sequence
+
+import torch
+from mergekit.merge_methods import registry
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    GroupMergeMethod,
+    InputContract,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    TensorGroup,
+)
+
+from mergekit_dam import stage
+from mergekit_dam.apply import combine
+from mergekit_dam.artifact import open_artifact
+from mergekit_dam.config import SHARED_NAMES, DamError, DamSettings, parameter_fields
+from mergekit_dam.inventory import merge_rows
+
+
+def _spec() -> MergeMethodSpec:
+    shared, per_model = parameter_fields()
+    return MergeMethodSpec(
+        name="dam",
+        pretty_name="DAM (Differentiable Adaptive Merging)",
+        reference_url="https://arxiv.org/abs/2410.08371",
+        contract=InputContract(base=BasePolicy.OPTIONAL, min_inputs=1),
+        parameters=tuple(
+            ParameterSpec(name=name, value_type=kind, scope=ParameterScope.SHARED, default=default)
+            for name, kind, default in shared
+        )
+        + tuple(
+            ParameterSpec(name=name, value_type=kind, scope=ParameterScope.INPUT, default=default)
+            for name, kind, default in per_model
+        ),
+    )
+
+
+def _calling_planner(frame) -> Optional[Any]:
+    """The mergekit MergePlanner that called validate_inputs, if any (see stage.py)."""
+    caller = frame.f_locals.get("self") if frame is not None else None
+    plan = sys.modules.get("mergekit.plan")
+    if plan is not None and isinstance(caller, plan.MergePlanner):
+        return caller
+    return None
+
+
+class DamMerge(GroupMergeMethod):
+    def __init__(self):
+        self.spec = _spec()
+        self._prepared_planners: weakref.WeakSet = weakref.WeakSet()
+
+    def validate_inputs(self, input_ids: Sequence[Any], base_id: Any = None, *, group_name: Optional[str] = None) -> None:
+        super().validate_inputs(input_ids, base_id, group_name=group_name)
+        planner = _calling_planner(sys._getframe(1))
+        if planner is not None and planner not in self._prepared_planners:
+            stage.prepare(planner)
+            self._prepared_planners.add(planner)
+
+    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        settings = DamSettings(**{name: parameters[name] for name in SHARED_NAMES})
+        base = group.base.id if group.base is not None else None
+        rows = merge_rows([entry.id for entry in group.entries], base, settings.include_base)
+        names = [str(model) for model in rows]
+        source = stage.source_for(settings, names)
+        if source.artifact_path is None:
+            if any(parameters["dataset"].get(model) for model in rows):
+                raise DamError(
+                    "dam: datasets given but no coefficients: training runs only from a mergekit config "
+                    "(mergekit-yaml or mergekit.merge.run_merge); pass `coefficients` for this API"
+                )
+            coefficients = torch.full((len(rows), 1), 1.0 / len(rows))
+        else:
+            artifact = open_artifact(source.artifact_path)
+            name = group.metadata.name
+            coefficients = artifact.get(name)[artifact.row_index(names)]
+            expected = group.entries[0].tensor.shape[-1:] or (1,)
+            if tuple(coefficients.shape[1:]) != tuple(expected):
+                raise DamError(
+                    f"dam: {artifact.path} coefficients for {name} have {coefficients.shape[1]} columns, "
+                    f"the tensor has {expected[0]}; retrain or fix the path"
+                )
+        by_id = {entry.id: entry.tensor for entry in group.entries}
+        weights = [by_id[model] for model in rows]
+        if coefficients.shape[1] == 1 and weights[0].ndim > 0:
+            coefficients = coefficients.expand(len(rows), weights[0].shape[-1])
+        return combine(weights, coefficients).to(weights[0].dtype)
+
+
+def _one_line_errors(previous_hook):
+    """mergekit-yaml lets exceptions escape as tracebacks; a DamError is the user's
+    setup problem, so print its one-line message (problem + fix) and exit 1."""
+
+    def hook(kind, error, traceback):
+        if issubclass(kind, DamError):
+            print(f"mergekit-dam error: {error}", file=sys.stderr)
+            sys.exit(1)
+        previous_hook(kind, error, traceback)
+
+    hook.dam_hook = True
+    return hook
+
+
+def register() -> None:
+    """Add `dam` to mergekit's registry; calling it again is a no-op."""
+    if not getattr(sys.excepthook, "dam_hook", False):
+        sys.excepthook = _one_line_errors(sys.excepthook)
+    existing = {method.spec.name: method for method in registry.registered_methods()}
+    if "dam" in existing:
+        if type(existing["dam"]).__name__ != DamMerge.__name__:
+            raise RuntimeError("another plugin already registered merge method 'dam'")
+        return
+    registry.register(DamMerge())

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny model families built once per session, and independent helpers
+that read checkpoints and artifacts with plain safetensors (never the code under test)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+from typing import Dict, List, Sequence
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mergekit_dam.tiny import make_family
+
+BIN = os.path.dirname(sys.executable)
+
+
+def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (one file or shards)."""
+    tensors: Dict[str, torch.Tensor] = {}
+    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def expected_merge(models: Sequence[str], coefficients: Dict[str, torch.Tensor], rows: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """sum_i c[row(i)] * W_i recomputed from the input checkpoints, in float64."""
+    weights = {model: read_checkpoint(model) for model in models}
+    result = {}
+    for name, table in coefficients.items():
+        total = 0
+        for model in models:
+            c = table[rows.index(model)].double()
+            w = weights[model][name].double()
+            total = total + (w * c if w.ndim else w * c[0])
+        result[name] = total
+    return result
+
+
+@pytest.fixture(scope="session")
+def families(tmp_path_factory) -> Dict[str, List[str]]:
+    """[base, expert_1, expert_2, expert_3] per architecture; qwen2 has tied embeddings
+    and q/k/v biases; all use grouped-query attention."""
+    root = tmp_path_factory.mktemp("families")
+    return {arch: make_family(str(root / arch), arch, seed=index) for index, arch in enumerate(("llama", "mistral", "qwen2"))}
+
+
+def write_config(path, config: dict) -> str:
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(config, handle, sort_keys=False)
+    return str(path)
+
+
+def mergekit_yaml(config_path: str, out: str, *options: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The stock CLI in a fresh process: proves registration through the .pth hook."""
+    result = subprocess.run(
+        [os.path.join(BIN, "mergekit-yaml"), config_path, out, *options],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"mergekit-yaml failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def dam_config(models: Sequence[str], base: str | None = None, parameters: dict | None = None, **extra) -> dict:
+    config = {"merge_method": "dam", "models": [{"model": m} for m in models], "dtype": "float32"}
+    if base:
+        config["base_model"] = base
+    if parameters:
+        config["parameters"] = parameters
+    config.update(extra)
+    return config

@@ -1,0 +1,74 @@
+import pytest
+from mergekit.config import MergeConfiguration
+
+from mergekit_dam.config import DamError, DamSettings, check_merge_config, parse_settings
+
+
+def normalised(config: dict) -> MergeConfiguration:
+    """The shape MergePlanner.normalize_config leaves: modules -> slices -> sources."""
+    models = config.pop("models")
+    config["modules"] = {
+        "default": {"slices": [{"sources": [{**m, "layer_range": [0, 2]} for m in models]}]}
+    }
+    return MergeConfiguration.model_validate({"merge_method": "dam", **config})
+
+
+def test_defaults_follow_the_reference():
+    settings = DamSettings()
+    assert (settings.lr, settings.temperature, settings.similarity_weight, settings.grad_clip) == (1e-3, 2.0, 0.01, 1.0)
+    assert (settings.l1_weight, settings.l2_weight, settings.topk, settings.max_length) == (0.0, 0.0, 128, 2048)
+    assert settings.train_embeddings and settings.train_norms and not settings.include_base
+
+
+def test_yaml_scientific_notation_strings_are_numbers():
+    assert parse_settings({"lr": "1e-3"}).lr == 1e-3
+
+
+def test_reads_shared_and_per_model_settings():
+    dam = check_merge_config(normalised({
+        "models": [{"model": "a", "parameters": {"dataset": "a.jsonl", "text_field": "body"}}, {"model": "b"}],
+        "parameters": {"steps": 5, "coefficients": "c.safetensors"},
+    }))
+    assert dam.settings.steps == 5 and dam.settings.coefficients == "c.safetensors"
+    assert dam.models["a"].dataset == "a.jsonl" and dam.models["a"].text_field == "body"
+    assert dam.models["b"].dataset == ""
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"models": [{"model": "a"}], "parameters": {"tempreature": 2}}, "did you mean `temperature`"),
+        ({"models": [{"model": "a", "parameters": {"weight": 1}}]}, "unknown parameter `weight`"),
+        ({"models": [{"model": "a"}], "parameters": {"train_device": ["cpu", "cuda"]}}, "must be a single value"),
+        ({"models": [{"model": "a"}], "parameters": {"nonlinearity": "gelu"}}, "invalid value for `nonlinearity`"),
+        ({"models": [{"model": "a"}], "parameters": {"batch_size": 0}}, "invalid value for `batch_size`"),
+        ({"models": [{"model": "a"}], "parameters": {"temperature": -1}}, "invalid value for `temperature`"),
+    ],
+)
+def test_rejections(config, message):
+    with pytest.raises(DamError, match=message):
+        check_merge_config(normalised(config))
+
+
+def test_module_level_parameters_are_rejected():
+    config = normalised({"models": [{"model": "a"}]})
+    config.modules["default"].parameters = {"lr": 0.1}
+    with pytest.raises(DamError, match="`lr` belongs in the top-level or a model's parameters"):
+        check_merge_config(config)
+
+
+def test_example_configs_are_valid():
+    import glob
+    import os
+
+    import yaml
+
+    root = os.path.join(os.path.dirname(__file__), "..", "example_configs")
+    files = sorted(glob.glob(os.path.join(root, "*.yml")))
+    assert {os.path.basename(f) for f in files} >= {"dam.yml", "linear.yml", "ties.yml", "dare_ties.yml"}
+    for file in files:
+        raw = yaml.safe_load(open(file))
+        MergeConfiguration.model_validate(raw)
+        if raw["merge_method"] == "dam":
+            raw = {k: v for k, v in raw.items() if k not in ("merge_method", "base_model", "dtype")}
+            check_merge_config(normalised(raw))
