@@ -142,7 +142,7 @@ def _check_names(params: Optional[Mapping[str, Any]], allowed: Tuple[str, ...], 
 class ConfiguredDam(BaseModel):
     """DAM settings read from one mergekit config: shared settings + per-model settings."""
 
-    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(frozen=True)
 
     settings: DamSettings
     models: Dict[str, ModelSettings]  # keyed by the model reference as written

@@ -219,3 +219,12 @@ def test_datasets_without_training_are_reported(families, tmp_path):
     with pytest.raises(DamError, match="datasets are configured"):
         merge(config, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("options", [dict(cuda=True), dict(cuda=True, read_to_gpu=True, low_cpu_memory=True), dict(cuda=True, multi_gpu=True)])
+def test_gpu_apply_matches(families, tmp_path, options):
+    base, *experts = families["qwen2"]
+    coefficients = random_artifact(tmp_path / "c.safetensors", experts, seed=11)
+    merge(dam_config(experts, base, {"coefficients": str(tmp_path / "c.safetensors")}), tmp_path / "out", **options)
+    assert_merge_equals(tmp_path / "out", experts, coefficients, experts)

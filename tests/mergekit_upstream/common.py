@@ -99,18 +99,21 @@ def _save(
     return str(out)
 
 
+# Geometry shared by the Llama-like decoders (Llama, Granite, LLaVA's text model).
+_DECODER = dict(
+    hidden_size=HIDDEN_SIZE,
+    intermediate_size=INTERMEDIATE_SIZE,
+    num_hidden_layers=NUM_LAYERS,
+    num_attention_heads=NUM_HEADS,
+    num_key_value_heads=NUM_KV_HEADS,
+    max_position_embeddings=MAX_POSITIONS,
+    tie_word_embeddings=False,
+    torch_dtype="float32",
+)
+
+
 def _llama_config(vocab_size: int) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=HIDDEN_SIZE,
-        intermediate_size=INTERMEDIATE_SIZE,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=NUM_HEADS,
-        num_key_value_heads=NUM_KV_HEADS,
-        max_position_embeddings=MAX_POSITIONS,
-        tie_word_embeddings=False,
-        torch_dtype="float32",
-    )
+    return LlamaConfig(vocab_size=vocab_size, **_DECODER)
 
 
 def make_picollama(path: PathLike, vocab_size: int = DEFAULT_VOCAB) -> str:
@@ -138,17 +141,7 @@ def make_gpt2size(path: PathLike) -> str:
 
 def make_picogranite(path: PathLike, vocab_size: int = DEFAULT_VOCAB) -> str:
     """Write a tiny random Granite causal LM to ``path`` and return the path."""
-    config = GraniteConfig(
-        vocab_size=vocab_size,
-        hidden_size=HIDDEN_SIZE,
-        intermediate_size=INTERMEDIATE_SIZE,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=NUM_HEADS,
-        num_key_value_heads=NUM_KV_HEADS,
-        max_position_embeddings=MAX_POSITIONS,
-        tie_word_embeddings=False,
-        torch_dtype="float32",
-    )
+    config = GraniteConfig(vocab_size=vocab_size, **_DECODER)
     config.architectures = ["GraniteForCausalLM"]
     return _save(GraniteForCausalLM, config, path)
 
