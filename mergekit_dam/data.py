@@ -1,0 +1,109 @@
+"""Each expert's calibration data: load, render to text, tokenise, batch.
+
+A model's `dataset` is a local file (.jsonl/.json/.parquet/.csv/.txt) or a Hugging Face
+dataset id (with `dataset_config`, `dataset_split`), loaded with `datasets`. Records
+are rendered to text in this order of preference:
+  1. the `text_field` (default `text`) when it holds a string;
+  2. chat `messages` (a list of {role, content}), through the tokenizer's chat template;
+  3. prompt/response pairs (`prompt` + `response`, or `prompt` + `completion`), as
+     "{prompt}\\n{response}".
+Shuffled with the seed, the first `samples` kept, truncated to `max_length` tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+
+from mergekit_dam.config import DamError, ModelSettings
+
+LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+PAIR_FIELDS = (("prompt", "response"), ("prompt", "completion"))
+
+
+def resolve_dataset_path(dataset: str) -> str:
+    """Local dataset paths resolve like local model paths: `~` expanded, relative to the
+    working directory. Anything else is taken as a Hugging Face dataset id."""
+    return os.path.abspath(os.path.expanduser(dataset))
+
+
+def is_local(dataset: str) -> bool:
+    path = resolve_dataset_path(dataset)
+    return os.path.exists(path) or os.path.splitext(dataset)[1].lower() in LOCAL_BUILDERS or dataset.startswith((".", "/", "~"))
+
+
+def load_records(settings: ModelSettings, model: str):
+    """The raw `datasets.Dataset` for one model."""
+    import datasets
+
+    name = settings.dataset
+    try:
+        if is_local(name):
+            path = resolve_dataset_path(name)
+            builder = LOCAL_BUILDERS.get(os.path.splitext(path)[1].lower())
+            if not os.path.isfile(path):
+                raise DamError(f"dam: dataset file {path} (model {model}) does not exist; fix the path")
+            if builder is None:
+                raise DamError(
+                    f"dam: dataset {path} (model {model}) has an unsupported extension; "
+                    f"use one of {', '.join(sorted(LOCAL_BUILDERS))}"
+                )
+            records = datasets.load_dataset(builder, data_files=path, split="train")
+        else:
+            records = datasets.load_dataset(name, name=settings.dataset_config or None, split=settings.dataset_split)
+    except DamError:
+        raise
+    except UnicodeDecodeError as error:
+        raise DamError(f"dam: dataset {name} (model {model}) is not UTF-8 text ({error.reason}); re-encode it") from None
+    except Exception as error:  # datasets raises many kinds; the user needs the dataset and the cause
+        raise DamError(f"dam: cannot load dataset {name} for model {model}: {type(error).__name__}: {error}") from None
+    if len(records) == 0:
+        raise DamError(f"dam: dataset {name} (model {model}) is empty; give it examples or remove it")
+    return records
+
+
+def render(record: Dict[str, Any], settings: ModelSettings, tokenizer, model: str) -> str:
+    if isinstance(record.get(settings.text_field), str):
+        return record[settings.text_field]
+    if isinstance(record.get("messages"), list):
+        if not getattr(tokenizer, "chat_template", None):
+            raise DamError(
+                f"dam: dataset {settings.dataset} (model {model}) has chat `messages` but the tokenizer has no "
+                "chat template; set `chat_template:` in the config or give the records a text field"
+            )
+        return tokenizer.apply_chat_template(record["messages"], tokenize=False)
+    for prompt, response in PAIR_FIELDS:
+        if isinstance(record.get(prompt), str) and isinstance(record.get(response), str):
+            return f"{record[prompt]}\n{record[response]}"
+    raise DamError(
+        f"dam: dataset {settings.dataset} (model {model}) records have no `{settings.text_field}` text, "
+        f"`messages` or prompt/response fields (found: {', '.join(sorted(record))}); set `text_field`"
+    )
+
+
+def tokenize(
+    settings: ModelSettings, tokenizer, model: str, *, samples: int, max_length: int, seed: int
+) -> List[List[int]]:
+    """Token ids of up to `samples` shuffled examples, each at most `max_length` long."""
+    records = load_records(settings, model).shuffle(seed=seed)
+    sequences = []
+    for record in records.select(range(min(samples, len(records)))):
+        ids = tokenizer(render(record, settings, tokenizer, model), truncation=True, max_length=max_length)["input_ids"]
+        if ids:
+            sequences.append(list(ids))
+    if not sequences:
+        raise DamError(f"dam: dataset {settings.dataset} (model {model}) has no text after tokenisation")
+    return sequences
+
+
+def collate(sequences: Sequence[Sequence[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and the attention mask (1 = real token)."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, : len(sequence)] = 1
+    return input_ids, mask
