@@ -1,0 +1,102 @@
+"""DAM's training objective, as pure functions of logits and coefficients.
+
+loss = sum_i KL_T(expert_i || merged) on expert i's tokens        (distillation)
+     + similarity_weight * mean pairwise cosine of the experts' coefficient vectors
+     + l1_weight * ||c||_1 + l2_weight * ||c||_2                  (norms, not squared)
+     + entropy_weight * entropy of the merged predictions
+     + mse_weight * mean squared error between merged and expert logits
+KL terms use softmax(logits / T), are scaled by T^2 and averaged over non-padding tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1)
+
+
+def kl_divergence(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) per token over the vocabulary, masked mean, times T^2.
+
+    student, teacher: [B, L, V] logits; mask: [B, L] with 1 on real tokens.
+    """
+    log_student = F.log_softmax(student.float() / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher.float() / temperature, dim=-1)
+    per_token = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)
+    return _masked_mean(per_token, mask) * temperature**2
+
+
+def topk_kl_divergence(
+    student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """KL against a cached top-K teacher: both distributions renormalised over the
+    teacher's K tokens (the student's logits gathered at those indices)."""
+    gathered = student.float().gather(-1, indices)
+    return kl_divergence(gathered, values.float(), mask, temperature)
+
+
+def entropy(student: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    log_p = F.log_softmax(student.float() / temperature, dim=-1)
+    return _masked_mean(-(log_p.exp() * log_p).sum(-1), mask)
+
+
+def logit_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return _masked_mean((student.float() - teacher.float()).pow(2).mean(-1), mask)
+
+
+def cosine_similarity(coefficients: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Mean over tensors of the mean over model pairs of cos(c_a, c_b); tensors are [N, D]."""
+    per_tensor = []
+    for table in coefficients:
+        pairs = list(itertools.combinations(range(table.shape[0]), 2))
+        if not pairs:
+            continue
+        first, second = zip(*pairs)
+        per_tensor.append(F.cosine_similarity(table[list(first)], table[list(second)], dim=-1).mean())
+    if not per_tensor:
+        return torch.zeros(())
+    return torch.stack(per_tensor).mean()
+
+
+def coefficient_norms(coefficients: Iterable[torch.Tensor]) -> tuple:
+    """(L1 norm, L2 norm) of all coefficients together."""
+    flat = torch.cat([table.reshape(-1) for table in coefficients])
+    return flat.abs().sum(), flat.pow(2).sum().sqrt()
+
+
+def regularisers(coefficients, settings) -> torch.Tensor:
+    coefficients = list(coefficients)
+    total = settings.similarity_weight * cosine_similarity(coefficients)
+    if settings.l1_weight or settings.l2_weight:
+        l1, l2 = coefficient_norms(coefficients)
+        total = total + settings.l1_weight * l1 + settings.l2_weight * l2
+    return total
+
+
+def expert_loss(
+    student: torch.Tensor,
+    mask: torch.Tensor,
+    settings,
+    teacher: Optional[torch.Tensor] = None,
+    topk: Optional[tuple] = None,
+) -> tuple:
+    """(loss, KL) for one expert's rows: KL plus the logit-level options."""
+    if topk is not None:
+        kl = topk_kl_divergence(student, topk[0], topk[1], mask, settings.temperature)
+    else:
+        kl = kl_divergence(student, teacher, mask, settings.temperature)
+    loss = kl
+    if settings.entropy_weight:
+        loss = loss + settings.entropy_weight * entropy(student, mask, settings.temperature)
+    if settings.mse_weight:
+        if teacher is None:
+            raise ValueError("mse_weight needs full teacher logits (teacher: online)")
+        loss = loss + settings.mse_weight * logit_mse(student, teacher, mask)
+    return loss, kl

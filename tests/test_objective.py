@@ -1,0 +1,60 @@
+import math
+
+import torch
+
+from mergekit_dam.config import DamSettings
+from mergekit_dam.objective import (
+    coefficient_norms,
+    cosine_similarity,
+    entropy,
+    expert_loss,
+    kl_divergence,
+    topk_kl_divergence,
+)
+
+
+def test_kl_matches_hand_computation_with_temperature_and_padding():
+    student = torch.tensor([[[0.0, 1.0], [5.0, -5.0]]])
+    teacher = torch.tensor([[[1.0, 0.0], [9.0, 9.0]]])
+    mask = torch.tensor([[1, 0]])  # second token is padding: ignored
+    t = 2.0
+    p = [math.exp(0.5) / (math.exp(0.5) + 1), 1 / (math.exp(0.5) + 1)]
+    q = [1 / (math.exp(0.5) + 1), math.exp(0.5) / (math.exp(0.5) + 1)]
+    expected = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)) * t * t
+    assert abs(kl_divergence(student, teacher, mask, t).item() - expected) < 1e-6
+    assert kl_divergence(teacher, teacher, torch.ones(1, 2), t).abs().item() < 1e-7
+
+
+def test_topk_kl_uses_the_teachers_indices():
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 3, 10, generator=generator)
+    teacher = torch.randn(2, 3, 10, generator=generator)
+    values, indices = teacher.topk(4, dim=-1)
+    mask = torch.ones(2, 3)
+    expected = kl_divergence(student.gather(-1, indices), values, mask, 2.0)
+    torch.testing.assert_close(topk_kl_divergence(student, values, indices, mask, 2.0), expected)
+    # with K = V the top-K KL is the full KL
+    full_values, full_indices = teacher.topk(10, dim=-1)
+    torch.testing.assert_close(topk_kl_divergence(student, full_values, full_indices, mask, 2.0), kl_divergence(student, teacher, mask, 2.0))
+
+
+def test_cosine_similarity_is_mean_over_pairs_then_tensors():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # pairs: 0, 1/sqrt2, 1/sqrt2
+    b = torch.tensor([[1.0, 2.0], [2.0, 4.0], [1.0, 2.0]])  # all pairs: 1
+    expected = ((0 + 2 / math.sqrt(2)) / 3 + 1) / 2
+    assert abs(cosine_similarity([a, b]).item() - expected) < 1e-6
+
+
+def test_norms_are_not_squared():
+    l1, l2 = coefficient_norms([torch.tensor([[3.0, -4.0]]), torch.tensor([[0.0]])])
+    assert (l1.item(), l2.item()) == (7.0, 5.0)
+
+
+def test_entropy_and_options():
+    uniform = torch.zeros(1, 1, 4)
+    assert abs(entropy(uniform, torch.ones(1, 1), 2.0).item() - math.log(4)) < 1e-6
+    settings = DamSettings(entropy_weight=0.5, mse_weight=2.0)
+    student, teacher = torch.zeros(1, 1, 4), torch.ones(1, 1, 4)
+    loss, kl = expert_loss(student, torch.ones(1, 1), settings, teacher=teacher)
+    assert abs(kl.item()) < 1e-7
+    assert abs(loss.item() - (0.5 * math.log(4) + 2.0 * 1.0)) < 1e-6
