@@ -44,8 +44,6 @@ def write_artifact(
     provenance: Optional[Mapping[str, Any]] = None,
 ) -> None:
     """Write atomically: a reader sees either no file, the old file or the complete new one."""
-    from safetensors.torch import save_file
-
     rows = len(models)
     tensors = {}
     for name, value in coefficients.items():
@@ -56,12 +54,19 @@ def write_artifact(
     for key, value in (provenance or {}).items():
         metadata[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
+    atomic_save(path, tensors, metadata)
+
+
+def atomic_save(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """safetensors.save_file to a temp file in the same directory, fsync, rename."""
+    from safetensors.torch import save_file
+
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     handle, temp_path = tempfile.mkstemp(prefix=".dam-", suffix=".tmp", dir=directory)
     os.close(handle)
     try:
-        save_file(tensors, temp_path, metadata=metadata)
+        save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, temp_path, metadata=dict(metadata))
         with open(temp_path, "rb") as written:
             os.fsync(written.fileno())
         os.replace(temp_path, path)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Tuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class DamError(ValueError):
@@ -63,6 +63,12 @@ class DamSettings(BaseModel):
     train_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     checkpoint_every: int = Field(0, ge=0)
 
+    @model_validator(mode="after")
+    def _compatible(self):
+        if self.teacher == "topk" and self.mse_weight:
+            raise ValueError("mse_weight needs full expert logits: use teacher: online")
+        return self
+
 
 class ModelSettings(BaseModel):
     """Settings of one input model (that model's `parameters:`)."""
@@ -93,6 +99,8 @@ def parameter_fields() -> Tuple[List[Tuple[str, Any, Any]], List[Tuple[str, Any,
 def _first_error(error: ValidationError, where: str) -> DamError:
     first = error.errors()[0]
     name = ".".join(str(part) for part in first["loc"])
+    if not name:
+        return DamError(f"dam: invalid settings in {where}: {first['msg'].removeprefix('Value error, ')}")
     return DamError(f"dam: invalid value for `{name}` in {where}: {first['msg']} (got {first.get('input')!r})")
 
 

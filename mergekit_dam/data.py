@@ -38,6 +38,7 @@ def load_records(settings: ModelSettings, model: str):
     """The raw `datasets.Dataset` for one model."""
     import datasets
 
+    datasets.disable_progress_bars()  # per-file "Generating split" bars are noise here
     name = settings.dataset
     try:
         if is_local(name):

@@ -18,6 +18,7 @@ from mergekit_dam.config import DamError
 class TensorSpec:
     name: str  # mergekit's output tensor name
     shape: Tuple[int, ...]
+    sources: Tuple[str, ...] = ()  # the name it has in each row's checkpoint (aliases, tied names)
 
     @property
     def coefficient_shape(self) -> Tuple[int, ...]:
@@ -127,7 +128,7 @@ def tensor_specs(config, arch_info, options, models: Sequence[object], out_confi
                 listing = ", ".join(f"{model}: {list(s)}" for model, (s, _) in shapes.items())
                 raise DamError(f"dam: tensor {weight.name} has different shapes across inputs ({listing})")
             if is_float:
-                specs.append(TensorSpec(weight.name, shape))
+                specs.append(TensorSpec(weight.name, shape, tuple(present.values())))
     return specs
 
 

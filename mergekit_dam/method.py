@@ -60,14 +60,13 @@ def _calling_planner(frame) -> Optional[Any]:
 class DamMerge(GroupMergeMethod):
     def __init__(self):
         self.spec = _spec()
-        self._prepared_planners: weakref.WeakSet = weakref.WeakSet()
+        self.prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # planner -> CoefficientSource
 
     def validate_inputs(self, input_ids: Sequence[Any], base_id: Any = None, *, group_name: Optional[str] = None) -> None:
         super().validate_inputs(input_ids, base_id, group_name=group_name)
         planner = _calling_planner(sys._getframe(1))
-        if planner is not None and planner not in self._prepared_planners:
-            stage.prepare(planner)
-            self._prepared_planners.add(planner)
+        if planner is not None and planner not in self.prepared:
+            self.prepared[planner] = stage.prepare(planner)
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         settings = DamSettings(**{name: parameters[name] for name in SHARED_NAMES})

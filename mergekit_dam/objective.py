@@ -34,12 +34,25 @@ def kl_divergence(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
 
 
 def topk_kl_divergence(
-    student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor, temperature: float
+    student: torch.Tensor, teacher_log_probs: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor, temperature: float
 ) -> torch.Tensor:
-    """KL against a cached top-K teacher: both distributions renormalised over the
-    teacher's K tokens (the student's logits gathered at those indices)."""
-    gathered = student.float().gather(-1, indices)
-    return kl_divergence(gathered, values.float(), mask, temperature)
+    """KL against a cached top-K teacher, over K + 1 outcomes: the teacher's K tokens
+    and one "everything else" bucket. `teacher_log_probs` are log softmax(logits / T)
+    over the full vocabulary at those indices, so the bucket carries the teacher's tail
+    mass and the student is penalised for mass it puts outside the K (renormalising over
+    the K alone would not). With K = V this is exactly the full KL.
+    """
+    log_student = F.log_softmax(student.float() / temperature, dim=-1).gather(-1, indices)
+    log_teacher = teacher_log_probs.float()
+
+    def with_tail(log_p: torch.Tensor) -> torch.Tensor:
+        tail = (1 - log_p.exp().sum(-1, keepdim=True)).clamp_min(1e-12).log()
+        return torch.cat([log_p, tail], dim=-1)
+
+    log_student, log_teacher = with_tail(log_student), with_tail(log_teacher)
+    teacher_p = log_teacher.exp()
+    per_token = (teacher_p * (log_teacher - log_student)).where(teacher_p > 1e-12, 0.0).sum(-1)
+    return _masked_mean(per_token, mask) * temperature**2
 
 
 def entropy(student: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -88,7 +101,7 @@ def expert_loss(
     topk: Optional[tuple] = None,
 ) -> tuple:
     """(loss, KL) for one expert's rows: KL plus the logit-level options."""
-    if topk is not None:
+    if topk is not None:  # (teacher log-probs at temperature T, their token indices)
         kl = topk_kl_divergence(student, topk[0], topk[1], mask, settings.temperature)
     else:
         kl = kl_divergence(student, teacher, mask, settings.temperature)

@@ -1,26 +1,37 @@
 """The pre-merge stage: decide, before mergekit runs a single task, where every tensor's
-coefficients come from, and fail early (nothing written) when they cannot be had.
+coefficients come from (an artifact, training, or equal weights), train if needed, and
+fail early (nothing written) when they cannot be had.
 
 mergekit 0.1.5 gives a merge method no planning hook and no view of the whole config.
 Its planner does call `method.validate_inputs` once per output slice right after
 normalising the config, before any tensor task exists; `DamMerge.validate_inputs`
 hands the calling planner to `prepare`. The kernels then find the decision in
 `_PREPARED`, keyed by what each kernel call can see (settings + input names).
+
+Training runs at most once per artifact: a file lock serialises processes, and an
+artifact whose `key` (content hash of models, data, tokenizer, hyperparameters and
+plugin version) matches is reused instead of retrained.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import threading
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
-from mergekit_dam.artifact import open_artifact
-from mergekit_dam.config import DamError, DamSettings, check_merge_config
+from mergekit_dam.artifact import open_artifact, versions, write_artifact
+from mergekit_dam.config import DamError, DamSettings, ModelSettings, check_merge_config
+from mergekit_dam.data import is_local, resolve_dataset_path
 from mergekit_dam.inventory import Inventory, plan_inventory
 
 LOG = logging.getLogger("mergekit_dam")
+
+# Settings that choose where or how fast training runs, not what it learns.
+NOT_IN_KEY = ("coefficients", "retrain", "train_device", "train_dtype", "checkpoint_every")
 
 
 @dataclass(frozen=True)
@@ -32,7 +43,8 @@ class CoefficientSource:
 
 
 _PREPARED: Dict[Tuple[str, Tuple[str, ...]], CoefficientSource] = {}
-_LOCK = threading.Lock()
+_TRAINED: Dict[str, str] = {}  # training key -> artifact written by this process
+_LOCK = threading.RLock()
 
 
 def _key(settings: DamSettings, rows: Sequence[str]) -> Tuple[str, Tuple[str, ...]]:
@@ -45,22 +57,165 @@ def resolve_path(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def decide(settings: DamSettings, inventory: Inventory, datasets: Dict[str, str]) -> CoefficientSource:
+def cache_dir() -> str:
+    return resolve_path(os.environ.get("MERGEKIT_DAM_CACHE", "~/.cache/mergekit-dam"))
+
+
+# --- the training key -----------------------------------------------------------------
+
+
+def _model_fingerprint(model, digest) -> None:
+    """Config and tokenizer files by content; weight files by name, size, mtime and
+    safetensors header (hashing every byte of a 70B checkpoint would take minutes)."""
+    from mergekit.io.tasks import LoaderCache
+
+    index = LoaderCache().get(model).index
+    base = index.base_path
+    for name in sorted(set(index.tensor_paths.values())):
+        path = os.path.join(base, name)
+        stat = os.stat(path)
+        digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        if name.endswith(".safetensors"):
+            with open(path, "rb") as handle:
+                header_length = int.from_bytes(handle.read(8), "little")
+                digest.update(handle.read(min(header_length, 100_000_000)))
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja"):
+        if os.path.exists(os.path.join(base, name)):
+            with open(os.path.join(base, name), "rb") as handle:
+                digest.update(name.encode() + handle.read())
+
+
+def _data_fingerprint(settings: ModelSettings, digest) -> None:
+    digest.update(settings.model_dump_json().encode())
+    if is_local(settings.dataset) and os.path.isfile(resolve_dataset_path(settings.dataset)):
+        with open(resolve_dataset_path(settings.dataset), "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+
+
+def training_key(settings: DamSettings, inventory: Inventory, data: Dict[str, ModelSettings], skeleton_model, chat_template) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps(versions()["mergekit-dam"]).encode())
+    digest.update(json.dumps(settings.model_dump(exclude=set(NOT_IN_KEY)), sort_keys=True).encode())
+    digest.update(json.dumps([str(chat_template)]).encode())
+    for model in inventory.rows:
+        digest.update(str(model).encode())
+        _model_fingerprint(model, digest)
+    if skeleton_model not in inventory.rows:
+        _model_fingerprint(skeleton_model, digest)
+    for row in inventory.row_names:
+        if row in data:
+            _data_fingerprint(data[row], digest)
+    return digest.hexdigest()
+
+
+# --- tokenizer --------------------------------------------------------------------
+
+
+def load_tokenizer(skeleton_model, rows: Sequence[object], config, trust_remote_code: bool):
+    """The skeleton model's tokenizer; every input's tokenizer (where it has one) must
+    have the same vocabulary, because one token sequence feeds all of them."""
+    from transformers import AutoTokenizer
+
+    def load(model):
+        return AutoTokenizer.from_pretrained(model.model.path, revision=model.model.revision, trust_remote_code=trust_remote_code)
+
+    try:
+        tokenizer = load(skeleton_model)
+    except Exception as error:
+        raise DamError(f"dam: cannot load the tokenizer of {skeleton_model} ({error}); DAM training needs one") from None
+    vocabulary = tokenizer.get_vocab()
+    for model in rows:
+        if model == skeleton_model:
+            continue
+        try:
+            other = load(model).get_vocab()
+        except Exception:
+            continue  # no tokenizer files: the embedding shapes were already checked
+        if other != vocabulary:
+            raise DamError(
+                f"dam: {model} has a different vocabulary than {skeleton_model} ({len(other)} vs {len(vocabulary)} "
+                "tokens); DAM feeds one token sequence to every input, so their tokenizers must agree"
+            )
+    if config.chat_template:
+        from mergekit.merge import _set_chat_template
+
+        _set_chat_template(tokenizer, config)
+    return tokenizer
+
+
+# --- the decision ----------------------------------------------------------------
+
+
+def _train(planner, dam, inventory: Inventory, data, path: Optional[str]) -> str:
+    from mergekit_dam.trainer import TrainingJob, train
+
+    skeleton_model = inventory.base or inventory.rows[0]
+    options = planner.options
+    key = training_key(dam.settings, inventory, data, skeleton_model, planner.config.chat_template)
+    path = path or os.path.join(cache_dir(), key[:20], "coefficients.safetensors")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    import filelock
+
+    # One lock per artifact path, kept in the cache directory so no stray files land
+    # next to the user's artifact.
+    lock_path = os.path.join(cache_dir(), "locks", hashlib.sha256(path.encode()).hexdigest()[:32] + ".lock")
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    with filelock.FileLock(lock_path):
+        if _TRAINED.get(key) == path and os.path.exists(path):
+            LOG.info("dam: coefficients %s were trained earlier in this process (no training)", path)
+            return path
+        if os.path.exists(path) and not dam.settings.retrain:
+            existing = open_artifact(path)
+            if existing.metadata.get("key") == key:
+                existing.check(inventory.row_names, inventory.tensors)
+                LOG.info("dam: reusing coefficients %s (trained for this exact config; no training)", path)
+                return path
+            LOG.info("dam: %s was trained for other models, data or hyperparameters: retraining", path)
+        job = TrainingJob(
+            rows=inventory.row_names,
+            models=list(inventory.rows),
+            tensors=inventory.tensors,
+            data=data,
+            settings=dam.settings,
+            out_config=planner.out_model_config,
+            tokenizer=load_tokenizer(skeleton_model, inventory.rows, planner.config, options.trust_remote_code),
+            trust_remote_code=options.trust_remote_code,
+            quiet=options.quiet,
+        )
+        result = train(job, key, path)
+        final = result.report["loss_curve"][-1]["loss"] if result.report["loss_curve"] else None
+        write_artifact(path, result.coefficients, inventory.row_names, {
+            "key": key,
+            "settings": dam.settings.model_dump(exclude={"coefficients", "retrain"}),
+            "datasets": {row: settings.model_dump() for row, settings in data.items()},
+            "steps": result.report["steps"],
+            "loss": final,
+            "held_out_kl": result.report["held_out_kl"],
+            "device": result.report["device"],
+        })
+        report_path = os.path.splitext(path)[0] + ".report.json"
+        with open(report_path + ".tmp", "w", encoding="utf-8") as handle:
+            json.dump(result.report, handle, indent=1)
+        os.replace(report_path + ".tmp", report_path)
+        LOG.info("dam: wrote %s and %s", path, report_path)
+        _TRAINED[key] = path
+    return path
+
+
+def decide(planner, dam, inventory: Inventory) -> CoefficientSource:
+    settings = dam.settings
     rows = tuple(inventory.row_names)
     path = resolve_path(settings.coefficients) if settings.coefficients else None
-    with_data = [model for model in rows if datasets.get(model)]
-    if path and os.path.exists(path) and not settings.retrain:
-        artifact = open_artifact(path)
-        artifact.check(rows, inventory.tensors)
-        LOG.info("dam: applying coefficients from %s (no training)", path)
-        return CoefficientSource(rows, path)
-    if with_data:
-        raise DamError(
-            "dam: datasets are configured but this mergekit-dam release cannot train coefficients yet; "
-            "give `coefficients:` an existing artifact, or remove the datasets for an equal-weight merge"
-        )
+    data = {row: dam.models[row] for row in rows if row in dam.models and dam.models[row].dataset}
+    if data:
+        return CoefficientSource(rows, _train(planner, dam, inventory, data, path))
     if settings.retrain:
         raise DamError("dam: `retrain: true` needs at least one input model with a `dataset:` to train on")
+    if path and os.path.exists(path):
+        open_artifact(path).check(rows, inventory.tensors)
+        LOG.info("dam: applying coefficients from %s (no datasets configured: no training)", path)
+        return CoefficientSource(rows, path)
     if path:
         raise DamError(
             f"dam: coefficients file {path} does not exist and no input model has a `dataset` to learn "
@@ -73,10 +228,9 @@ def decide(settings: DamSettings, inventory: Inventory, datasets: Dict[str, str]
 def prepare(planner) -> CoefficientSource:
     """Run the pre-merge stage for a mergekit planner (config already normalised)."""
     dam = check_merge_config(planner.config)
-    inventory = plan_inventory(planner, dam.settings.include_base)
-    datasets = {name: model.dataset for name, model in dam.models.items()}
-    source = decide(dam.settings, inventory, datasets)
     with _LOCK:
+        inventory = plan_inventory(planner, dam.settings.include_base)
+        source = decide(planner, dam, inventory)
         _PREPARED[_key(dam.settings, source.rows)] = source
     return source
 

@@ -112,3 +112,73 @@ def make_family(
         _perturb(expert, generator, scale=spread)
         paths.append(save_model(expert, os.path.join(root, f"expert_{index}"), tokenizer))
     return paths
+
+
+# --- a tiny lab: experts fine-tuned from one base on clearly different skills ---------
+
+SKILLS = ("arithmetic", "reverse", "brackets")
+
+
+def skill_example(skill: str, generator: torch.Generator) -> str:
+    """One line of a synthetic skill; every skill has its own alphabet and structure."""
+
+    def pick(n: int) -> int:
+        return int(torch.randint(0, n, (1,), generator=generator))
+
+    if skill == "arithmetic":
+        a, b = pick(50), pick(50)
+        return f"{a}+{b}={a + b}"
+    if skill == "reverse":
+        word = "".join(string.ascii_lowercase[pick(26)] for _ in range(3 + pick(4)))
+        return f"{word}>{word[::-1].upper()}"
+    depth = 1 + pick(4)
+    return "(" * depth + "[" + "#" * pick(4) + "]" + ")" * depth
+
+
+def write_skill_data(path: str, skill: str, count: int, seed: int) -> str:
+    import json
+
+    generator = torch.Generator().manual_seed(seed)
+    with open(path, "w", encoding="utf-8") as handle:
+        for _ in range(count):
+            handle.write(json.dumps({"text": skill_example(skill, generator)}) + "\n")
+    return path
+
+
+def _fine_tune(model, tokenizer, skill: str, steps: int, seed: int) -> None:
+    from mergekit_dam.data import collate
+
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        texts = [skill_example(skill, generator) for _ in range(16)]
+        ids, mask = collate([tokenizer(t)["input_ids"] for t in texts], tokenizer.pad_token_id)
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def make_lab(root: str, *, seed: int = 0, hidden: int = 32, layers: int = 2, steps: int = 60, examples: int = 48) -> dict:
+    """A base model and one expert per skill, fine-tuned from it, with calibration data.
+
+    Returns {"base": path, "experts": [paths], "data": [jsonl paths]} (skills order).
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = make_config("llama", hidden=hidden, layers=layers)
+    tokenizer = make_tokenizer()
+    base = AutoModelForCausalLM.from_config(config)
+    base_path = save_model(base, os.path.join(root, "base"), tokenizer)
+    lab = {"base": base_path, "experts": [], "data": []}
+    for index, skill in enumerate(SKILLS):
+        expert = AutoModelForCausalLM.from_config(config)
+        expert.load_state_dict(base.state_dict())
+        _fine_tune(expert, tokenizer, skill, steps, seed + index + 1)
+        lab["experts"].append(save_model(expert, os.path.join(root, f"expert_{skill}"), tokenizer))
+        lab["data"].append(write_skill_data(os.path.join(root, f"{skill}.jsonl"), skill, examples, seed + 100 + index))
+    return lab

@@ -212,15 +212,6 @@ def test_merge_state_dicts_without_artifact_averages_non_base_inputs():
     torch.testing.assert_close(merged["w"], torch.full((2, 2), 2.0))
 
 
-def test_datasets_without_training_are_reported(families, tmp_path):
-    base, *experts = families["llama"]
-    config = dam_config(experts, base)
-    config["models"][0]["parameters"] = {"dataset": "data.jsonl"}
-    with pytest.raises(DamError, match="datasets are configured"):
-        merge(config, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("options", [dict(cuda=True), dict(cuda=True, read_to_gpu=True, low_cpu_memory=True), dict(cuda=True, multi_gpu=True)])
 def test_gpu_apply_matches(families, tmp_path, options):

@@ -25,17 +25,22 @@ def test_kl_matches_hand_computation_with_temperature_and_padding():
     assert kl_divergence(teacher, teacher, torch.ones(1, 2), t).abs().item() < 1e-7
 
 
-def test_topk_kl_uses_the_teachers_indices():
+def test_topk_kl_has_a_tail_bucket_and_equals_full_kl_at_k_equal_v():
     generator = torch.Generator().manual_seed(0)
     student = torch.randn(2, 3, 10, generator=generator)
     teacher = torch.randn(2, 3, 10, generator=generator)
-    values, indices = teacher.topk(4, dim=-1)
     mask = torch.ones(2, 3)
-    expected = kl_divergence(student.gather(-1, indices), values, mask, 2.0)
+    log_p = torch.log_softmax(teacher / 2.0, dim=-1)
+    values, indices = log_p.topk(10, dim=-1)
+    torch.testing.assert_close(topk_kl_divergence(student, values, indices, mask, 2.0), kl_divergence(student, teacher, mask, 2.0))
+    # K = 2, by hand: the two top tokens plus one bucket for the other eight
+    values, indices = log_p.topk(2, dim=-1)
+    log_q = torch.log_softmax(student / 2.0, dim=-1)
+    p = torch.cat([values.exp(), 1 - values.exp().sum(-1, keepdim=True)], -1)
+    q_top = log_q.gather(-1, indices).exp()
+    q = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
+    expected = (p * (p.log() - q.log())).sum(-1).mean() * 4
     torch.testing.assert_close(topk_kl_divergence(student, values, indices, mask, 2.0), expected)
-    # with K = V the top-K KL is the full KL
-    full_values, full_indices = teacher.topk(10, dim=-1)
-    torch.testing.assert_close(topk_kl_divergence(student, full_values, full_indices, mask, 2.0), kl_divergence(student, teacher, mask, 2.0))
 
 
 def test_cosine_similarity_is_mean_over_pairs_then_tensors():

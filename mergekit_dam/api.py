@@ -1,0 +1,51 @@
+"""Python API for pipelines: run DAM's pre-merge stage (train, or check an artifact)
+without merging, exactly as `mergekit-yaml` runs it before a merge."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import yaml
+
+from mergekit_dam.config import DamError
+
+
+def load_config(config: Union[str, dict, object]):
+    from mergekit.config import MergeConfiguration
+
+    if isinstance(config, MergeConfiguration):
+        return config.model_copy(deep=True)  # planning normalises it in place
+    if isinstance(config, str):
+        with open(config, "r", encoding="utf-8") as handle:
+            config = yaml.safe_load(handle)
+    return MergeConfiguration.model_validate(config)
+
+
+def train(config, options=None, out: Optional[str] = None):
+    """Learn (or reuse) the coefficients of a `merge_method: dam` config; returns the
+    CoefficientSource (its `artifact_path` is None for an equal-weight merge).
+
+    `config`: a MergeConfiguration, a dict, or a YAML path. `out` overrides the
+    `coefficients` parameter. `options`: mergekit MergeOptions (trust_remote_code,
+    quiet, caches); mergekit's math-device options do not affect training.
+    """
+    from mergekit.architecture import get_architecture_info
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.merge import MergeOptions, _model_out_config
+    from mergekit.merge_methods import registry
+    from mergekit.plan import MergePlanner
+
+    import mergekit_dam  # noqa: F401  (registers dam)
+
+    config = load_config(config)
+    if config.merge_method != "dam":
+        raise DamError(f"dam: the config's merge_method is `{config.merge_method}`, not `dam`")
+    if out is not None:
+        config.parameters = {**(config.parameters or {}), "coefficients": out}
+    options = options or MergeOptions()
+    arch_info = get_architecture_info(config, options)
+    LoaderCache().setup(options=options)
+    out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+    planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
+    planner.normalize_config()  # DAM's validate_inputs runs the stage here, as in a merge
+    return registry.get("dam").prepared[planner]

@@ -1,0 +1,415 @@
+"""Learn the coefficients: set-up, the training loop, checkpoints, the report.
+
+One optimizer step = `grad_accum` micro-batches; a micro-batch holds `batch_size`
+sequences of every expert that has data, all through ONE merged forward. Expert i's
+logits (the teacher) come from the same skeleton with expert i's own weights, online
+or as a top-K cache computed before training. Data order is a function of (seed,
+step), so a run resumed from a checkpoint ends exactly where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from mergekit_dam import objective
+from mergekit_dam.config import DamError, DamSettings, ModelSettings
+from mergekit_dam.data import collate, tokenize
+from mergekit_dam.inventory import TensorSpec
+from mergekit_dam.view import MergedModel, build_skeleton, stack_experts
+
+LOG = logging.getLogger("mergekit_dam")
+HELD_OUT_MAX = 32  # sequences per expert kept aside for the report's held-out KL
+
+
+@dataclass
+class TrainingJob:
+    """Everything training needs, resolved from a mergekit config by stage.py."""
+
+    rows: List[str]  # artifact row order
+    models: List[object]  # ModelReference per row
+    tensors: Sequence[TensorSpec]
+    data: Dict[str, ModelSettings]  # rows with a dataset
+    settings: DamSettings
+    out_config: object  # transformers config of the output model (the skeleton)
+    tokenizer: object
+    trust_remote_code: bool = False
+    quiet: bool = False
+
+
+@dataclass
+class TrainingResult:
+    coefficients: Dict[str, torch.Tensor]  # effective [N, D] per tensor
+    report: dict = field(default_factory=dict)
+
+
+# --- devices, dtypes, initial values --------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DamError(f"dam: train_device `{name}` is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DamError(f"dam: train_device `{name}` but no CUDA GPU is available; use train_device: cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DamError(f"dam: train_device `{name}` but only {torch.cuda.device_count()} GPU(s) exist")
+    if device.type not in ("cpu", "cuda"):
+        raise DamError(f"dam: train_device `{name}` is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+NONLINEARITIES = {
+    "none": (lambda x: x, lambda y: y),
+    "tanh": (torch.tanh, torch.atanh),
+    "sigmoid": (torch.sigmoid, torch.logit),
+    "relu": (torch.relu, lambda y: y),
+}
+
+
+def trains(kind: str, settings: DamSettings) -> bool:
+    return kind == "linear" or (kind == "embedding" and settings.train_embeddings) or (kind == "norm" and settings.train_norms)
+
+
+# --- data order -----------------------------------------------------------------------
+
+
+def batch_indices(count: int, batch_size: int, micro_step: int, seed: int, salt: int) -> List[int]:
+    """The sequences of one expert in micro-batch `micro_step`: consecutive slices of
+    per-epoch permutations, each permutation a pure function of (seed, salt, epoch)."""
+    indices = []
+    for position in range(micro_step * batch_size, (micro_step + 1) * batch_size):
+        epoch, offset = divmod(position, count)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + salt * 7919 + epoch)
+        indices.append(int(torch.randperm(count, generator=generator)[offset]))
+    return indices
+
+
+# --- checkpoints (safetensors: no pickle) ---------------------------------------------
+
+
+def _checkpoint_path(artifact_path: str) -> str:
+    return artifact_path + ".ckpt"
+
+
+def save_checkpoint(path: str, key: str, step: int, raw: Dict[str, torch.nn.Parameter], optimizer, history: list) -> None:
+    from mergekit_dam.artifact import atomic_save
+
+    tensors = {f"raw/{name}": p.detach() for name, p in raw.items()}
+    for name, p in raw.items():
+        state = optimizer.state.get(p, {})
+        for slot in ("exp_avg", "exp_avg_sq"):
+            if slot in state:
+                tensors[f"{slot}/{name}"] = state[slot]
+    adam_steps = {name: float(optimizer.state[p]["step"]) for name, p in raw.items() if p in optimizer.state}
+    atomic_save(path, tensors, {"key": key, "step": str(step), "history": json.dumps(history), "adam_steps": json.dumps(adam_steps)})
+
+
+def load_checkpoint(path: str, key: str, raw: Dict[str, torch.nn.Parameter], optimizer):
+    """(step, history) of a checkpoint for this exact training key, or None."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.exists(path):
+        return None
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("key") != key:
+                return None
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError):
+        LOG.warning("dam: ignoring unreadable training checkpoint %s", path)
+        return None
+    adam_steps = json.loads(metadata["adam_steps"])
+    with torch.no_grad():
+        for name, p in raw.items():
+            p.copy_(tensors[f"raw/{name}"])
+            if f"exp_avg/{name}" in tensors:
+                optimizer.state[p] = {
+                    "step": torch.tensor(adam_steps[name]),
+                    "exp_avg": tensors[f"exp_avg/{name}"].to(p.device),
+                    "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device),
+                }
+    return int(metadata["step"]), json.loads(metadata["history"])
+
+
+# --- the estimate shown before training -----------------------------------------------
+
+
+def estimate(job: TrainingJob, dtype: torch.dtype, sequences: int, length: int, trainable: int) -> dict:
+    """Peak memory (bytes) and work (FLOPs per step) of one training step, from the shapes."""
+    params = sum(math.prod(spec.shape) for spec in job.tensors)
+    element = torch.finfo(dtype).bits // 8
+    vocab = job.out_config.vocab_size
+    hidden = getattr(job.out_config, "hidden_size", 0)
+    layers = getattr(job.out_config, "num_hidden_layers", 0)
+    tokens = sequences * length
+    memory = {
+        "expert_weights": len(job.rows) * params * element,
+        "merged_weights": params * element,
+        "coefficients_and_adam": trainable * 4 * 4,
+        "logits": tokens * vocab * 4 * 4,  # student + teacher fp32, softmax temporaries
+        "activations": tokens * hidden * layers * element * 16,
+    }
+    flops = 2 * params * tokens * 3 + 2 * params * tokens  # merged fwd+bwd, teachers fwd
+    return {"memory_bytes": memory, "peak_bytes": sum(memory.values()), "flops_per_step": flops}
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# --- training -------------------------------------------------------------------------
+
+
+def _load_stacks(job: TrainingJob, device: torch.device, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    from mergekit.io.tasks import LoaderCache
+
+    loaders = [LoaderCache().get(model) for model in job.models]
+    stacks = {}
+    for spec in job.tensors:
+        tensors = (loader.get_tensor(source, device="cpu") for loader, source in zip(loaders, spec.sources))
+        stacks[spec.name] = stack_experts(tensors, device, dtype)
+    return stacks
+
+
+def _tables(raw, fixed, forward) -> Dict[str, torch.Tensor]:
+    return {**{name: forward(p) for name, p in raw.items()}, **fixed}
+
+
+def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
+    settings = job.settings
+    device = resolve_device(settings.train_device)
+    dtype = resolve_dtype(settings.train_dtype, device)
+    torch.manual_seed(settings.seed)
+    started = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # data: per expert, training sequences and a held-out tail for the report
+    pad_id = job.tokenizer.pad_token_id if job.tokenizer.pad_token_id is not None else (job.tokenizer.eos_token_id or 0)
+    experts = [index for index, row in enumerate(job.rows) if row in job.data]
+    train_sets, held_out = {}, {}
+    for index in experts:
+        row = job.rows[index]
+        sequences = tokenize(job.data[row], job.tokenizer, row, samples=settings.samples, max_length=settings.max_length, seed=settings.seed)
+        keep = min(HELD_OUT_MAX, len(sequences) // 10) if len(sequences) >= 2 else 0
+        train_sets[index] = sequences[: len(sequences) - keep] if keep else sequences
+        held_out[index] = sequences[len(sequences) - keep :] if keep else sequences
+        if not keep:
+            LOG.warning("dam: %s has a single example; its held-out KL is measured on training data", row)
+
+    # model view and coefficients
+    skeleton = build_skeleton(job.out_config, device, job.trust_remote_code)
+    view = MergedModel(skeleton, _load_stacks(job, device, dtype))
+    n = len(job.rows)
+    forward, inverse = NONLINEARITIES[settings.nonlinearity]
+    start_value = float(inverse(torch.tensor(1.0 / n)))
+    if not math.isfinite(start_value):
+        raise DamError(f"dam: nonlinearity `{settings.nonlinearity}` cannot represent the initial coefficient 1/{n}")
+    raw, fixed = {}, {}
+    for spec in job.tensors:
+        width = spec.shape[-1]
+        if trains(view.kinds[spec.name], settings):
+            raw[spec.name] = torch.nn.Parameter(torch.full((n, width), start_value, device=device))
+        else:
+            fixed[spec.name] = torch.full((n, width), 1.0 / n, device=device)
+    trainable = sum(p.numel() for p in raw.values())
+
+    steps_per_epoch = math.ceil(max(len(s) for s in train_sets.values()) / settings.batch_size / settings.grad_accum)
+    steps = settings.steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
+    length = min(settings.max_length, max(len(s) for seqs in train_sets.values() for s in seqs))
+    plan = estimate(job, dtype, len(experts) * settings.batch_size, length, trainable)
+    available = available_memory(device)
+    LOG.info(
+        "dam: training %d coefficients (%d of %d tensors) for inputs %s; experts with data: %s",
+        trainable, len(raw), len(job.tensors), job.rows, [job.rows[i] for i in experts],
+    )
+    LOG.info(
+        "dam: %d steps on %s (%s); estimated peak memory %.2f GiB%s, %.2f TFLOP per step",
+        steps, device, str(dtype).replace("torch.", ""), plan["peak_bytes"] / 2**30,
+        f" of {available / 2**30:.1f} GiB available" if available else "", plan["flops_per_step"] / 1e12,
+    )
+    if available is not None and plan["peak_bytes"] > available:
+        raise DamError(
+            f"dam: training needs about {plan['peak_bytes'] / 2**30:.1f} GiB on {device} but {available / 2**30:.1f} GiB "
+            "is available; lower max_length or batch_size, use train_dtype: bfloat16, or train on a larger device"
+        )
+
+    optimizer = torch.optim.AdamW(list(raw.values()), lr=settings.lr, weight_decay=settings.weight_decay)
+    lr_factor = _schedule(settings, steps)  # set per step: a resumed run needs no scheduler state
+
+    def held_out_kl() -> Dict[str, float]:
+        result = {}
+        with torch.no_grad():
+            merged = view.merged_weights(_tables(raw, fixed, forward))
+            for index in experts:
+                total, count = 0.0, 0
+                sequences = held_out[index]
+                for begin in range(0, len(sequences), settings.batch_size):
+                    ids, mask = (t.to(device) for t in collate(sequences[begin : begin + settings.batch_size], pad_id))
+                    teacher = view.logits(view.expert_weights(index), ids, mask)
+                    student = view.logits(merged, ids, mask)
+                    total += objective.kl_divergence(student, teacher, mask, settings.temperature).item() * len(ids)
+                    count += len(ids)
+                result[job.rows[index]] = total / count
+        return result
+
+    topk_cache = _topk_cache(view, experts, train_sets, settings, pad_id, device) if settings.teacher == "topk" else None
+
+    checkpoint = _checkpoint_path(artifact_path)
+    history: List[dict] = []
+    first_step = 0
+    resumed = load_checkpoint(checkpoint, key, raw, optimizer) if settings.checkpoint_every else None
+    if resumed:
+        first_step, history = resumed
+        LOG.info("dam: resuming from %s at step %d of %d", checkpoint, first_step, steps)
+    # step 0 = equal coefficients = the linear average; a resumed run kept it in its history
+    kl_start = history[0]["held_out_kl"] if resumed else held_out_kl()
+
+    from tqdm.auto import tqdm
+
+    progress = tqdm(range(first_step, steps), initial=first_step, total=steps, desc="DAM training", disable=job.quiet)
+    tokens_seen, clock = 0, time.perf_counter()
+    for step in progress:
+        step_loss, step_kl = 0.0, {job.rows[i]: 0.0 for i in experts}
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * lr_factor(step)
+        for micro in range(settings.grad_accum):
+            micro_step = step * settings.grad_accum + micro
+            picks = {i: batch_indices(len(train_sets[i]), settings.batch_size, micro_step, settings.seed, i) for i in experts}
+            sequences = [train_sets[i][k] for i in experts for k in picks[i]]
+            ids, mask = (t.to(device) for t in collate(sequences, pad_id))
+            tables = _tables(raw, fixed, forward)
+            student = view.logits(view.merged_weights(tables), ids, mask)
+            loss = objective.regularisers([tables[name] for name in raw], settings)
+            for slot, index in enumerate(experts):
+                rows = slice(slot * settings.batch_size, (slot + 1) * settings.batch_size)
+                if topk_cache is not None:
+                    values, indices = _gather_topk(topk_cache[index], picks[index], ids.shape[1], device)
+                    expert_loss, kl = objective.expert_loss(student[rows], mask[rows], settings, topk=(values, indices))
+                else:
+                    with torch.no_grad():
+                        teacher = view.logits(view.expert_weights(index), ids[rows], mask[rows])
+                    expert_loss, kl = objective.expert_loss(student[rows], mask[rows], settings, teacher=teacher)
+                loss = loss + expert_loss
+                step_kl[job.rows[index]] += kl.item() / settings.grad_accum
+            value = loss.item()
+            if not math.isfinite(value):
+                raise DamError(
+                    f"dam: the training loss became {value} at step {step + 1}; lower `lr` "
+                    f"(now {settings.lr}) or `temperature`, or check the data"
+                )
+            (loss / settings.grad_accum).backward()
+            step_loss += value / settings.grad_accum
+            tokens_seen += int(mask.sum())
+            del student, loss
+        if settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(list(raw.values()), settings.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append({"step": step + 1, "loss": step_loss, "kl": step_kl})
+        if step == 0 and not resumed:
+            history[0]["held_out_kl"] = kl_start
+        elapsed = time.perf_counter() - clock
+        progress.set_postfix(loss=f"{step_loss:.4f}", **{f"kl{i}": f"{v:.3f}" for i, v in enumerate(step_kl.values())}, tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}")
+        if settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0 and step + 1 < steps:
+            save_checkpoint(checkpoint, key, step + 1, raw, optimizer, history)
+    progress.close()
+
+    coefficients = {name: table.detach().float().cpu() for name, table in _tables(raw, fixed, forward).items()}
+    kl_end = held_out_kl()
+    seconds = time.perf_counter() - started
+    report = {
+        "steps": steps,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "seconds": seconds,
+        "tokens_per_second": tokens_seen / max(time.perf_counter() - clock, 1e-9),
+        "peak_memory_bytes": peak_memory(device),
+        "estimate": plan,
+        "trainable_coefficients": trainable,
+        "held_out_kl": {"step_0_linear_average": kl_start, "final": kl_end},
+        "loss_curve": [{"step": h["step"], "loss": h["loss"], "kl": h["kl"]} for h in history],
+    }
+    if os.path.exists(checkpoint):
+        os.unlink(checkpoint)
+    LOG.info("dam: trained in %.1f s; held-out KL per expert, linear average -> DAM: %s", seconds,
+             {row: f"{kl_start[row]:.4f} -> {kl_end[row]:.4f}" for row in kl_end})
+    return TrainingResult(coefficients, report)
+
+
+def _schedule(settings: DamSettings, steps: int):
+    def factor(step: int) -> float:
+        if settings.warmup_steps and step < settings.warmup_steps:
+            return (step + 1) / settings.warmup_steps
+        progress = (step - settings.warmup_steps) / max(1, steps - settings.warmup_steps)
+        if settings.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if settings.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def _topk_cache(view: MergedModel, experts, train_sets, settings, pad_id, device) -> dict:
+    """Each expert's top-K log-probabilities at temperature T on its own training
+    sequences, computed once before training and kept on CPU."""
+    cache = {}
+    with torch.no_grad():
+        for index in experts:
+            cache[index] = []
+            for sequence in train_sets[index]:
+                ids, mask = (t.to(device) for t in collate([sequence], pad_id))
+                logits = view.logits(view.expert_weights(index), ids, mask)[0].float()
+                log_probs = torch.log_softmax(logits / settings.temperature, dim=-1)
+                values, indices = log_probs.topk(min(settings.topk, log_probs.shape[-1]), dim=-1)
+                cache[index].append((values.cpu(), indices.cpu()))
+    return cache
+
+
+def _gather_topk(cache, picks: Sequence[int], width: int, device) -> tuple:
+    """Stack cached [L_i, K] entries into [B, width, K]; padding positions are masked out."""
+    k = cache[picks[0]][0].shape[-1]
+    values = torch.zeros(len(picks), width, k)
+    indices = torch.zeros(len(picks), width, k, dtype=torch.long)
+    for row, pick in enumerate(picks):
+        v, i = cache[pick]
+        values[row, : len(v)] = v
+        indices[row, : len(i)] = i
+    return values.to(device), indices.to(device)

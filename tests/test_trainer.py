@@ -1,0 +1,213 @@
+"""The training stage end to end on a tiny lab: experts fine-tuned from one base on
+different skills. Merges run through mergekit's run_merge, checked independently."""
+
+import json
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+from mergekit.config import MergeConfiguration
+from mergekit.merge import MergeOptions, run_merge
+from safetensors.torch import load_file
+
+from mergekit_dam import stage, trainer
+from mergekit_dam.api import train as train_stage
+from mergekit_dam.cli import main as cli
+from mergekit_dam.config import DamError
+from mergekit_dam.tiny import make_lab, make_tokenizer
+
+from conftest import expected_merge, read_checkpoint, write_config
+
+FAST = {"steps": 12, "lr": 0.02, "max_length": 24, "batch_size": 4, "samples": 40}
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory):
+    return make_lab(str(tmp_path_factory.mktemp("lab")), steps=60)
+
+
+def lab_config(lab, artifact, data=True, **parameters):
+    models = []
+    for expert, dataset in zip(lab["experts"], lab["data"]):
+        models.append({"model": expert, **({"parameters": {"dataset": dataset}} if data else {})})
+    return {
+        "merge_method": "dam",
+        "base_model": lab["base"],
+        "models": models,
+        "dtype": "float32",
+        "parameters": {"coefficients": str(artifact), **FAST, **parameters},
+    }
+
+
+def merge(config, out):
+    run_merge(MergeConfiguration.model_validate(config), str(out), MergeOptions(quiet=True))
+
+
+def test_training_lowers_held_out_kl_and_the_merge_applies_it(lab, tmp_path):
+    artifact = tmp_path / "c.safetensors"
+    merge(lab_config(lab, artifact, steps=30), tmp_path / "out")
+    report = json.loads((tmp_path / "c.report.json").read_text())
+    start, final = report["held_out_kl"]["step_0_linear_average"], report["held_out_kl"]["final"]
+    assert set(start) == set(lab["experts"])
+    for expert in lab["experts"]:
+        assert final[expert] < 0.7 * start[expert], (expert, start[expert], final[expert])
+    assert len(report["loss_curve"]) == 30 and report["device"] == "cpu" and report["peak_memory_bytes"] > 0
+    coefficients = load_file(str(artifact))
+    merged = read_checkpoint(str(tmp_path / "out"))
+    expected = expected_merge(lab["experts"], coefficients, lab["experts"])
+    for name, value in expected.items():
+        torch.testing.assert_close(merged[name].double(), value, atol=1e-5, rtol=1e-5)
+    assert any(not torch.allclose(t, torch.full_like(t, 1 / 3)) for t in coefficients.values())
+
+
+def test_reuse_retrain_and_determinism(lab, tmp_path, caplog, monkeypatch):
+    artifact = tmp_path / "c.safetensors"
+    train_stage(lab_config(lab, artifact))
+    first = load_file(str(artifact))
+    stamp = os.stat(artifact).st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="mergekit_dam"):
+        train_stage(lab_config(lab, artifact))
+    assert "(no training)" in caplog.text and os.stat(artifact).st_mtime_ns == stamp
+    monkeypatch.setattr(stage, "_TRAINED", {})  # as in a new process: retrain really retrains
+    train_stage(lab_config(lab, artifact, retrain=True))
+    assert os.stat(artifact).st_mtime_ns != stamp
+    again = load_file(str(artifact))
+    assert all(torch.equal(first[name], again[name]) for name in first)  # same config + seed
+
+
+def test_changed_hyperparameter_retrains(lab, tmp_path, caplog):
+    artifact = tmp_path / "c.safetensors"
+    train_stage(lab_config(lab, artifact))
+    with caplog.at_level(logging.INFO, logger="mergekit_dam"):
+        train_stage(lab_config(lab, artifact, temperature=1.0))
+    assert "trained for other models, data or hyperparameters: retraining" in caplog.text
+
+
+def test_resume_after_interrupt_equals_uninterrupted(lab, tmp_path, monkeypatch):
+    reference = tmp_path / "reference.safetensors"
+    train_stage(lab_config(lab, reference))
+    resumed = tmp_path / "resumed.safetensors"
+    save = trainer.save_checkpoint
+
+    def save_then_die(path, key, step, *args):
+        save(path, key, step, *args)
+        if step == 8:
+            raise KeyboardInterrupt("simulated kill after the step-8 checkpoint")
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(lab_config(lab, resumed, checkpoint_every=4))
+    assert not resumed.exists() and os.path.exists(str(resumed) + ".ckpt")
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    train_stage(lab_config(lab, resumed, checkpoint_every=4))
+    a, b = load_file(str(reference)), load_file(str(resumed))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert not os.path.exists(str(resumed) + ".ckpt")
+    curve = json.loads((tmp_path / "resumed.report.json").read_text())["loss_curve"]
+    assert [point["step"] for point in curve] == list(range(1, 13))
+
+
+def test_topk_teacher_and_effective_nonlinear_coefficients(lab, tmp_path):
+    source = train_stage(lab_config(lab, tmp_path / "topk.safetensors", teacher="topk", topk=32, steps=20))
+    report = json.loads((tmp_path / "topk.report.json").read_text())["held_out_kl"]
+    assert all(report["final"][e] < report["step_0_linear_average"][e] for e in lab["experts"])
+    assert source.artifact_path == str(tmp_path / "topk.safetensors")
+    # sigmoid parametrisation with a vanishing lr: the artifact holds f(raw) = 1/N, not raw
+    train_stage(lab_config(lab, tmp_path / "sig.safetensors", nonlinearity="sigmoid", lr=1e-12, steps=2))
+    for table in load_file(str(tmp_path / "sig.safetensors")).values():
+        torch.testing.assert_close(table, torch.full_like(table, 1 / 3))
+
+
+def test_frozen_kinds_keep_equal_coefficients(lab, tmp_path):
+    train_stage(lab_config(lab, tmp_path / "c.safetensors", train_norms=False, train_embeddings=False))
+    tables = load_file(str(tmp_path / "c.safetensors"))
+    assert torch.equal(tables["model.norm.weight"], torch.full((3, 32), 1 / 3))
+    assert torch.equal(tables["model.embed_tokens.weight"], torch.full((3, 32), 1 / 3))
+    assert not torch.equal(tables["lm_head.weight"], torch.full((3, 32), 1 / 3))
+
+
+def test_include_base_and_chat_data(lab, tmp_path):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i}+{i}="}, {"role": "assistant", "content": str(2 * i)}]}) + "\n" for i in range(20)))
+    config = lab_config(lab, tmp_path / "c.safetensors", include_base=True)
+    config["models"][0]["parameters"]["dataset"] = str(chat)
+    config["chat_template"] = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    merge(config, tmp_path / "out")
+    metadata_models = json.loads(__import__("safetensors").safe_open(str(tmp_path / "c.safetensors"), "pt").metadata()["models"])
+    assert metadata_models == lab["experts"] + [lab["base"]]
+    report = json.loads((tmp_path / "c.report.json").read_text())
+    assert set(report["held_out_kl"]["final"]) == set(lab["experts"])  # the base has no data
+
+
+def test_tied_embedding_family_trains(families, tmp_path):
+    base, *experts = families["qwen2"]
+    data = tmp_path / "d.txt"
+    data.write_text("\n".join(f"line {i} of text" for i in range(30)) + "\n")
+    config = {
+        "merge_method": "dam", "base_model": base, "dtype": "float32",
+        "models": [{"model": experts[0], "parameters": {"dataset": str(data)}}, {"model": experts[1]}],
+        "parameters": {"coefficients": str(tmp_path / "c.safetensors"), **FAST},
+    }
+    merge(config, tmp_path / "out")
+    tables = load_file(str(tmp_path / "c.safetensors"))
+    assert "lm_head.weight" not in tables and "model.layers.0.self_attn.q_proj.bias" in tables
+    merged = read_checkpoint(str(tmp_path / "out"))
+    expected = expected_merge(experts[:2], tables, experts[:2])
+    for name, value in expected.items():
+        torch.testing.assert_close(merged[name].double(), value, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_train_then_apply_only(lab, tmp_path):
+    config = write_config(tmp_path / "dam.yml", lab_config(lab, tmp_path / "unused.safetensors"))
+    assert cli(["-q", "train", config, "--out", str(tmp_path / "c.safetensors")]) == 0
+    assert (tmp_path / "c.safetensors").exists() and not (tmp_path / "unused.safetensors").exists()
+    apply_only = lab_config(lab, tmp_path / "c.safetensors", data=False)
+    merge(apply_only, tmp_path / "out")  # no datasets: the artifact is applied, nothing trains
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def _reject(config, tmp_path, message):
+    with pytest.raises(DamError, match=message):
+        merge(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "dataset, content, message",
+    [
+        ("missing.jsonl", None, "does not exist"),
+        ("empty.jsonl", "", "cannot load dataset|is empty"),
+        ("fields.jsonl", '{"title": "x"}\n', "found: title"),
+    ],
+)
+def test_bad_data_writes_nothing(lab, tmp_path, dataset, content, message):
+    if content is not None:
+        (tmp_path / dataset).write_text(content)
+    config = lab_config(lab, tmp_path / "c.safetensors")
+    config["models"][1]["parameters"]["dataset"] = str(tmp_path / dataset)
+    _reject(config, tmp_path, message)
+
+
+def test_vocabulary_mismatch_is_rejected(lab, tmp_path):
+    other = tmp_path / "other_expert"
+    shutil.copytree(lab["experts"][2], other)
+    tokenizer = make_tokenizer()
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(str(other))
+    config = lab_config(lab, tmp_path / "c.safetensors")
+    config["models"][2]["model"] = str(other)
+    _reject(config, tmp_path, "different vocabulary")
+
+
+def test_non_finite_loss_stops_with_step_and_hint(lab, tmp_path):
+    _reject(lab_config(lab, tmp_path / "c.safetensors", lr=1e30, grad_clip=0), tmp_path, r"loss became (nan|inf) at step \d+; lower `lr`")
+
+
+def test_shape_mismatch_between_inputs_is_rejected(lab, tmp_path):
+    wide = make_lab(str(tmp_path / "wide"), hidden=48, steps=1, examples=4)
+    config = lab_config(lab, tmp_path / "c.safetensors")
+    config["models"][2]["model"] = wide["experts"][2]
+    _reject(config, tmp_path, "different shapes across inputs")
