@@ -9,6 +9,7 @@ from mergekit_dam.method import register
 
 register()
 
+from mergekit_dam.api import train  # noqa: E402
 from mergekit_dam.artifact import FORMAT, Artifact, open_artifact, write_artifact  # noqa: E402
 from mergekit_dam.config import DamError, DamSettings, ModelSettings  # noqa: E402
 
@@ -20,5 +21,6 @@ __all__ = [
     "ModelSettings",
     "open_artifact",
     "register",
+    "train",
     "write_artifact",
 ]

@@ -147,11 +147,24 @@ def load_tokenizer(skeleton_model, rows: Sequence[object], config, trust_remote_
 # --- the decision ----------------------------------------------------------------
 
 
+def _show_progress_logs(quiet: bool) -> None:
+    """mergekit-yaml logs at WARNING unless -v; training is long and its summary (inputs,
+    coefficient count, memory estimate, held-out KL) belongs on screen unless --quiet."""
+    if quiet or LOG.getEffectiveLevel() <= logging.INFO:
+        return
+    LOG.setLevel(logging.INFO)  # mergekit's root handler (level NOTSET) then prints our records
+    if not logging.getLogger().handlers and not LOG.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        LOG.addHandler(handler)
+
+
 def _train(planner, dam, inventory: Inventory, data, path: Optional[str]) -> str:
     from mergekit_dam.trainer import TrainingJob, train
 
     skeleton_model = inventory.base or inventory.rows[0]
     options = planner.options
+    _show_progress_logs(options.quiet)
     key = training_key(dam.settings, inventory, data, skeleton_model, planner.config.chat_template)
     path = path or os.path.join(cache_dir(), key[:20], "coefficients.safetensors")
     os.makedirs(os.path.dirname(path), exist_ok=True)

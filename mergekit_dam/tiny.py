@@ -165,7 +165,8 @@ def _fine_tune(model, tokenizer, skill: str, steps: int, seed: int) -> None:
 def make_lab(root: str, *, seed: int = 0, hidden: int = 32, layers: int = 2, steps: int = 60, examples: int = 48) -> dict:
     """A base model and one expert per skill, fine-tuned from it, with calibration data.
 
-    Returns {"base": path, "experts": [paths], "data": [jsonl paths]} (skills order).
+    Returns {"base": path, "experts": [paths], "data": [calibration jsonl paths],
+    "held_out": [jsonl paths drawn with other seeds]} (skills order).
     """
     from transformers import AutoModelForCausalLM
 
@@ -174,11 +175,12 @@ def make_lab(root: str, *, seed: int = 0, hidden: int = 32, layers: int = 2, ste
     tokenizer = make_tokenizer()
     base = AutoModelForCausalLM.from_config(config)
     base_path = save_model(base, os.path.join(root, "base"), tokenizer)
-    lab = {"base": base_path, "experts": [], "data": []}
+    lab = {"base": base_path, "experts": [], "data": [], "held_out": []}
     for index, skill in enumerate(SKILLS):
         expert = AutoModelForCausalLM.from_config(config)
         expert.load_state_dict(base.state_dict())
         _fine_tune(expert, tokenizer, skill, steps, seed + index + 1)
         lab["experts"].append(save_model(expert, os.path.join(root, f"expert_{skill}"), tokenizer))
         lab["data"].append(write_skill_data(os.path.join(root, f"{skill}.jsonl"), skill, examples, seed + 100 + index))
+        lab["held_out"].append(write_skill_data(os.path.join(root, f"{skill}.held_out.jsonl"), skill, 16, seed + 200 + index))
     return lab
