@@ -13,6 +13,7 @@ declare; `check_merge_config` reads the raw config so that typos fail loudly.
 from __future__ import annotations
 
 import difflib
+import os
 from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -20,6 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 class DamError(ValueError):
     """A problem with the user's DAM setup; the message names it and the fix."""
+
+
+def resolve_path(path: str) -> str:
+    """Artifact and dataset paths resolve like mergekit's local model paths: `~`
+    expanded, relative to the working directory of the run."""
+    return os.path.abspath(os.path.expanduser(path))
 
 
 class DamSettings(BaseModel):

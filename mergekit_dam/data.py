@@ -17,20 +17,15 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
-from mergekit_dam.config import DamError, ModelSettings
+from mergekit_dam.config import DamError, ModelSettings, resolve_path
 
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 PAIR_FIELDS = (("prompt", "response"), ("prompt", "completion"))
 
 
-def resolve_dataset_path(dataset: str) -> str:
-    """Local dataset paths resolve like local model paths: `~` expanded, relative to the
-    working directory. Anything else is taken as a Hugging Face dataset id."""
-    return os.path.abspath(os.path.expanduser(dataset))
-
-
 def is_local(dataset: str) -> bool:
-    path = resolve_dataset_path(dataset)
+    """A local file (existing, or named like one); anything else is a Hugging Face dataset id."""
+    path = resolve_path(dataset)
     return os.path.exists(path) or os.path.splitext(dataset)[1].lower() in LOCAL_BUILDERS or dataset.startswith((".", "/", "~"))
 
 
@@ -42,7 +37,7 @@ def load_records(settings: ModelSettings, model: str):
     name = settings.dataset
     try:
         if is_local(name):
-            path = resolve_dataset_path(name)
+            path = resolve_path(name)
             builder = LOCAL_BUILDERS.get(os.path.splitext(path)[1].lower())
             if not os.path.isfile(path):
                 raise DamError(f"dam: dataset file {path} (model {model}) does not exist; fix the path")

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
 from mergekit_dam.artifact import open_artifact, versions, write_artifact
-from mergekit_dam.config import DamError, DamSettings, ModelSettings, check_merge_config
-from mergekit_dam.data import is_local, resolve_dataset_path
+from mergekit_dam.config import DamError, DamSettings, ModelSettings, check_merge_config, resolve_path
+from mergekit_dam.data import is_local
 from mergekit_dam.inventory import Inventory, plan_inventory
 
 LOG = logging.getLogger("mergekit_dam")
@@ -49,12 +49,6 @@ _LOCK = threading.RLock()
 
 def _key(settings: DamSettings, rows: Sequence[str]) -> Tuple[str, Tuple[str, ...]]:
     return settings.model_dump_json(), tuple(sorted(rows))
-
-
-def resolve_path(path: str) -> str:
-    """Artifact paths resolve like mergekit's local model paths: `~` expanded, relative
-    to the working directory of the mergekit run."""
-    return os.path.abspath(os.path.expanduser(path))
 
 
 def cache_dir() -> str:
@@ -87,8 +81,8 @@ def _model_fingerprint(model, digest) -> None:
 
 def _data_fingerprint(settings: ModelSettings, digest) -> None:
     digest.update(settings.model_dump_json().encode())
-    if is_local(settings.dataset) and os.path.isfile(resolve_dataset_path(settings.dataset)):
-        with open(resolve_dataset_path(settings.dataset), "rb") as handle:
+    if is_local(settings.dataset) and os.path.isfile(resolve_path(settings.dataset)):
+        with open(resolve_path(settings.dataset), "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
 

@@ -343,6 +343,10 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         history.append({"step": step + 1, "loss": step_loss, "kl": step_kl})
+        if step == first_step and steps - first_step > 1:
+            per_step = time.perf_counter() - clock
+            LOG.info("dam: first step took %.2f s: about %.1f min for the remaining %d steps",
+                     per_step, per_step * (steps - step - 1) / 60, steps - step - 1)
         if step == 0 and not resumed:
             history[0]["held_out_kl"] = kl_start
         elapsed = time.perf_counter() - clock

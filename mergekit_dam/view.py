@@ -97,10 +97,6 @@ class MergedModel:
             )
         self.kinds = tensor_kinds(skeleton)
 
-    @property
-    def num_experts(self) -> int:
-        return next(iter(self.stacks.values())).shape[0]
-
     def logits(self, weights: Mapping[str, torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         output = functional_call(
             self.skeleton, dict(weights), args=(),

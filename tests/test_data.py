@@ -98,3 +98,19 @@ def test_collate_pads_right_and_masks():
     assert input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     assert input_ids.dtype == mask.dtype == torch.long
+
+
+def test_hub_dataset_ids_pass_config_and_split(monkeypatch, tokenizer):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_dict({"text": ["from the hub"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    settings = ModelSettings(dataset="org/corpus", dataset_config="en", dataset_split="validation")
+    sequences = tokenize(settings, tokenizer, "m", samples=5, max_length=64, seed=0)
+    assert calls == [("org/corpus", "en", "validation")]
+    assert decode(tokenizer, sequences) == ["from the hub"]

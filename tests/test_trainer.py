@@ -211,3 +211,11 @@ def test_shape_mismatch_between_inputs_is_rejected(lab, tmp_path):
     config = lab_config(lab, tmp_path / "c.safetensors")
     config["models"][2]["model"] = wide["experts"][2]
     _reject(config, tmp_path, "different shapes across inputs")
+
+
+def test_architecture_mismatch_is_rejected(lab, families, tmp_path):
+    config = lab_config(lab, tmp_path / "c.safetensors")
+    config["models"][2]["model"] = families["qwen2"][1]
+    with pytest.raises(RuntimeError, match="allow-crimes"):
+        merge(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "c.safetensors").exists()
