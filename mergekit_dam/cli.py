@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -21,6 +22,20 @@ def main(argv=None) -> int:
     train.add_argument("--trust-remote-code", action="store_true", help="as mergekit's flag")
     train.add_argument("--transformers-cache", help="as mergekit's flag")
     train.add_argument("--lora-merge-cache", help="as mergekit's flag")
+    lab = commands.add_parser("lab", help="the offline merge lab").add_subparsers(dest="lab_command", required=True)
+    lab_build = lab.add_parser("build", help="build (or reuse) the tiny lab: base, experts, data")
+    lab_build.add_argument("dir", nargs="?", default="dam-lab")
+    compare = commands.add_parser("compare", help="score models on held-out skill data; table, JSON, chart")
+    compare.add_argument("models", nargs="+", help="model dirs, as PATH or NAME=PATH")
+    compare.add_argument("--lab", help="lab dir: its held-out data, experts, base and general text")
+    compare.add_argument("--skill", action="append", default=[], metavar="NAME=FILE", help="held-out jsonl per skill")
+    compare.add_argument("--expert", action="append", default=[], metavar="NAME=DIR", help="a skill's expert (for KL)")
+    compare.add_argument("--general", help="general-text jsonl (forgetting)")
+    compare.add_argument("--base", help="base model dir (for retention)")
+    compare.add_argument("--out", default="dam-compare", help="where compare.json/.md/.png go")
+    inspect = commands.add_parser("inspect", help="coefficient statistics and heatmap of an artifact")
+    inspect.add_argument("artifact")
+    inspect.add_argument("--out", help="output dir (default: next to the artifact)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
@@ -42,10 +57,55 @@ def main(argv=None) -> int:
             )
             source = train_stage(args.config, options, out=args.out)
             print(source.artifact_path or "no datasets configured: equal coefficients 1/N, nothing to train")
+        elif args.command == "lab":
+            from mergekit_dam.lab import build
+
+            manifest = build(args.dir, progress=not args.quiet)
+            print(json.dumps(manifest, indent=1))
+        elif args.command == "compare":
+            run_compare(args)
+        elif args.command == "inspect":
+            from mergekit_dam.inspect_artifact import report, summarize, text_summary
+
+            outputs = report(args.artifact, args.out)
+            print(text_summary(summarize(args.artifact)))
+            print(f"\nJSON: {outputs['json']}\nheatmap: {outputs['heatmap']}")
     except DamError as error:
         print(f"mergekit-dam error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _pairs(values, what):
+    result = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise DamError(f"dam: {what} `{value}` must be NAME=PATH")
+        result[name] = path
+    return result
+
+
+def run_compare(args) -> None:
+    import os
+
+    from mergekit_dam.compare import Suite, markdown, score, write_outputs
+
+    if args.lab:
+        with open(os.path.join(args.lab, "lab.json"), encoding="utf-8") as handle:
+            suite = Suite.from_lab(json.load(handle))
+    else:
+        suite = Suite(skills=_pairs(args.skill, "--skill"), experts=_pairs(args.expert, "--expert"), general=args.general, base=args.base)
+        if not suite.skills:
+            raise DamError("dam: compare needs held-out data: --lab DIR or --skill NAME=FILE")
+    models = {}
+    for value in args.models:
+        name, sep, path = value.partition("=")
+        models[name if sep else os.path.basename(value.rstrip("/"))] = path if sep else value
+    results = score(models, suite)
+    outputs = write_outputs(results, args.out)
+    print(markdown(results))
+    print(f"\nJSON: {outputs['json']}\ntable: {outputs['table']}\nchart: {outputs['chart']}")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,16 @@
-"""The demo: a tiny lab merged with `dam` (trained) and `linear` through stock mergekit-yaml.
+"""The demo: the lab's experts merged five ways through stock mergekit-yaml, then compared.
 
-Builds a base model and three experts fine-tuned from it on different synthetic skills
-(offline, cached in the work directory), runs `mergekit-yaml` on a DAM config whose
-experts carry calibration datasets (the training stage learns the coefficients inside
-the merge) and on a linear config of the same experts, checks every DAM output tensor
-against sum_i c_i * W_i recomputed from the checkpoints and the artifact, and prints
-the held-out KL to each expert for both merges.
+Builds (or reuses) the lab (lab.py), writes the five configs of
+`example_configs/lab/` (dam, linear, task_arithmetic, ties, dare_ties) for this lab
+directory, runs `mergekit-yaml` on each (DAM trains inside its merge), checks the DAM
+output against sum_i c_i * W_i recomputed from the checkpoints, scores base, experts and
+merges on every skill's held-out data (compare.py) and prints the table, each merge's
+retention of the experts' gains, and where the chart is.
 """
 
 from __future__ import annotations
 
 import glob
-import json
-import logging
 import os
 import subprocess
 import sys
@@ -22,10 +20,34 @@ from typing import Dict
 import torch
 import yaml
 
-from mergekit_dam.tiny import SKILLS, make_lab
+from mergekit_dam.lab import SKILLS, build
 
-LOG = logging.getLogger("mergekit_dam")
-LAB_RECIPE = {"hidden": 64, "layers": 2, "steps": 150, "examples": 120, "seed": 0}
+# DAM hyperparameters for the lab, chosen on the validation split (BENCHMARKS.md).
+DAM_LAB_SETTINGS = {"steps": 150, "lr": 0.01, "batch_size": 8, "max_length": 32, "samples": 256,
+                    "temperature": 2.0, "similarity_weight": 0.01, "seed": 0}
+
+
+def merge_configs(manifest: dict, artifact: str) -> Dict[str, dict]:
+    """The five merges of the lab's experts; the simple methods use the settings users
+    commonly start from (weights 1/N-like, density 0.5)."""
+    base = manifest["base"]
+    experts = [manifest["skills"][s]["expert"] for s in SKILLS]
+    calibration = [manifest["skills"][s]["calibration"] for s in SKILLS]
+    return {
+        "dam": {"merge_method": "dam", "base_model": base,
+                "models": [{"model": m, "parameters": {"dataset": d}} for m, d in zip(experts, calibration)],
+                "parameters": {"coefficients": artifact, **DAM_LAB_SETTINGS}, "dtype": "float32"},
+        "linear": {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in experts],
+                   "dtype": "float32"},
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base,
+                            "models": [{"model": m, "parameters": {"weight": 0.5}} for m in experts], "dtype": "float32"},
+        "ties": {"merge_method": "ties", "base_model": base,
+                 "models": [{"model": m, "parameters": {"density": 0.5, "weight": 1.0}} for m in experts],
+                 "parameters": {"normalize": True}, "dtype": "float32"},
+        "dare_ties": {"merge_method": "dare_ties", "base_model": base,
+                      "models": [{"model": m, "parameters": {"density": 0.5, "weight": 0.5}} for m in experts],
+                      "dtype": "float32"},
+    }
 
 
 def _tensors(path: str) -> Dict[str, torch.Tensor]:
@@ -40,7 +62,7 @@ def _tensors(path: str) -> Dict[str, torch.Tensor]:
 def _mergekit_yaml(config: dict, config_path: str, out: str, quiet: bool) -> float:
     with open(config_path, "w", encoding="utf-8") as handle:
         yaml.safe_dump(config, handle, sort_keys=False)
-    command = [os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), config_path, out]
+    command = [os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), config_path, out, "--random-seed", "0"]
     if quiet:
         command.append("--quiet")
     start = time.perf_counter()
@@ -48,83 +70,48 @@ def _mergekit_yaml(config: dict, config_path: str, out: str, quiet: bool) -> flo
     return time.perf_counter() - start
 
 
-def held_out_kl(model_dir: str, experts, data_files, temperature: float = 2.0) -> Dict[str, float]:
-    """KL(expert || model) on each expert's held-out examples (not used for training)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mergekit_dam.data import collate
-    from mergekit_dam.objective import kl_divergence
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    result = {}
-    for skill, expert_dir, data in zip(SKILLS, experts, data_files):
-        expert = AutoModelForCausalLM.from_pretrained(expert_dir, dtype=torch.float32).eval()
-        with open(data, encoding="utf-8") as handle:
-            texts = [json.loads(line)["text"] for line in handle]
-        ids, mask = collate([tokenizer(t)["input_ids"] for t in texts], tokenizer.pad_token_id)
-        with torch.no_grad():
-            result[skill] = kl_divergence(model(input_ids=ids, attention_mask=mask).logits,
-                                          expert(input_ids=ids, attention_mask=mask).logits, mask, temperature).item()
-    return result
-
-
-def run_demo(workdir: str, quiet: bool = False) -> Dict[str, object]:
-    os.makedirs(workdir, exist_ok=True)
-    lab_dir = os.path.join(workdir, "lab")
-    marker = os.path.join(lab_dir, "lab.json")
-    lab = None
-    if os.path.exists(marker):
-        with open(marker, encoding="utf-8") as handle:
-            lab = json.load(handle)
-        if lab.get("recipe") != LAB_RECIPE:
-            lab = None  # built by another recipe: rebuild
-    if lab is None:
-        LOG.info("building the tiny lab (base + 3 experts fine-tuned on different skills) in %s", lab_dir)
-        lab = {"recipe": LAB_RECIPE, **make_lab(lab_dir, **LAB_RECIPE)}
-        with open(marker, "w", encoding="utf-8") as handle:
-            json.dump(lab, handle)
-
-    artifact = os.path.join(workdir, "dam_coefficients.safetensors")
-    dam = {
-        "merge_method": "dam",
-        "base_model": lab["base"],
-        "models": [{"model": m, "parameters": {"dataset": d}} for m, d in zip(lab["experts"], lab["data"])],
-        "parameters": {"coefficients": artifact, "steps": 60, "lr": 0.01, "max_length": 32, "batch_size": 8,
-                       "samples": 100, "seed": 0},
-        "dtype": "float32",
-    }
-    linear = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in lab["experts"]],
-              "dtype": "float32"}
-    seconds = {
-        "dam (train + merge)": _mergekit_yaml(dam, os.path.join(workdir, "dam.yml"), os.path.join(workdir, "merged-dam"), quiet),
-        "linear": _mergekit_yaml(linear, os.path.join(workdir, "linear.yml"), os.path.join(workdir, "merged-linear"), quiet),
-    }
-
-    # independent check of the apply stage: sum_i c_i * W_i from the raw files
+def check_dam_output(merged_dir: str, experts, artifact: str) -> float:
+    """max |merged - sum_i c_i * W_i| over all tensors, from the raw files."""
     from safetensors.torch import load_file
 
-    coefficients = load_file(artifact)
-    merged = _tensors(os.path.join(workdir, "merged-dam"))
-    inputs = [_tensors(m) for m in lab["experts"]]
-    worst = max(
+    merged, inputs = _tensors(merged_dir), [_tensors(m) for m in experts]
+    return max(
         (merged[name].double() - sum(w[name].double() * c.double() for w, c in zip(inputs, table))).abs().max().item()
-        for name, table in coefficients.items()
+        for name, table in load_file(artifact).items()
     )
-    kl = {
-        "dam": held_out_kl(os.path.join(workdir, "merged-dam"), lab["experts"], lab["held_out"]),
-        "linear": held_out_kl(os.path.join(workdir, "merged-linear"), lab["experts"], lab["held_out"]),
-    }
-    print(f"\nDAM demo in {workdir}")
-    print(f"  lab         : {lab['base']} + experts {', '.join(SKILLS)}")
-    print(f"  artifact    : {artifact}  (training report: {os.path.splitext(artifact)[0]}.report.json)")
-    for name, value in seconds.items():
-        print(f"  {name:19s}: {value:.1f} s via mergekit-yaml")
-    print(f"  check       : max |dam - sum_i c_i*W_i| = {worst:.2e} over {len(coefficients)} tensors")
-    print("\n  KL(expert || merge), T=2, held-out examples (lower = closer to the expert)")
-    print(f"  {'skill':12s} {'linear':>8s} {'dam':>8s}")
-    for skill in SKILLS:
-        print(f"  {skill:12s} {kl['linear'][skill]:8.4f} {kl['dam'][skill]:8.4f}")
+
+
+def run_demo(workdir: str, quiet: bool = False, recipe=None) -> Dict[str, object]:
+    from mergekit_dam.compare import Suite, score, write_outputs
+
+    os.makedirs(workdir, exist_ok=True)
+    manifest = build(os.path.join(workdir, "lab"), **({"recipe": recipe} if recipe else {}), progress=not quiet)
+    artifact = os.path.join(workdir, "dam_coefficients.safetensors")
+    seconds = {}
+    for name, config in merge_configs(manifest, artifact).items():
+        seconds[name] = _mergekit_yaml(config, os.path.join(workdir, f"{name}.yml"), os.path.join(workdir, f"merged-{name}"), quiet)
+    experts = [manifest["skills"][s]["expert"] for s in SKILLS]
+    worst = check_dam_output(os.path.join(workdir, "merged-dam"), experts, artifact)
+
+    models = {"base": manifest["base"], **{f"expert:{s}": manifest["skills"][s]["expert"] for s in SKILLS},
+              **{name: os.path.join(workdir, f"merged-{name}") for name in seconds}}
+    results = score(models, Suite.from_lab(manifest))
+    outputs = write_outputs(results, os.path.join(workdir, "compare"), highlight=list(seconds))
+
+    print(f"\nDAM demo in {workdir}: lab of 4 experts ({', '.join(SKILLS)}) fine-tuned from one base")
+    print("merges via mergekit-yaml: " + ", ".join(f"{n} {s:.1f} s" for n, s in seconds.items()))
+    print(f"DAM apply check: max |merged - sum_i c_i*W_i| = {worst:.2e}\n")
+    print("held-out exact-match accuracy per skill (and KL to the skill's expert):")
+    print(f"{'model':18s}" + "".join(f"{s:>20s}" for s in SKILLS) + f"{'general NLL':>13s}")
+    for name, entry in results.items():
+        print(f"{name:18s}" + "".join(f"{entry[s]['accuracy']:>11.2f} ({entry[s]['kl']:5.2f})" for s in SKILLS)
+              + f"{entry.get('general_nll', float('nan')):13.3f}")
+    print("\nretention of each expert's accuracy gain over the base (1 = as good as the expert):")
+    for name in seconds:
+        retention = results[name].get("retention", {})
+        print(f"{name:18s}" + "".join(f"{retention.get(s, {}).get('accuracy', float('nan')):>20.2f}" for s in SKILLS))
+    print(f"\ntable: {outputs['table']}\nchart: {outputs['chart']}\nJSON:  {outputs['json']}")
+    print(f"inspect the learned coefficients: mergekit-dam inspect {artifact}")
     if worst > 1e-5:
         raise SystemExit("demo check failed: the DAM output does not match its coefficients")
-    return {"max_error": worst, "seconds": seconds, "kl": kl}
+    return {"max_error": worst, "seconds": seconds, "results": results, "outputs": outputs}

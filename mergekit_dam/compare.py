@@ -1,0 +1,229 @@
+"""Score models side by side: every skill's held-out data, the experts, general text.
+
+Per model and skill:
+- `nll` / `ppl`: mean negative log-likelihood per answer token (prompt/answer records,
+  the answer followed by EOS, given the prompt) or per token (text records);
+- `accuracy`: exact match of the greedy continuation of each prompt (answer records);
+- `kl`: KL(expert || model) per token on the skill's held-out texts, T = 1 (needs the
+  skill's expert);
+and per model `general_nll` on general text (forgetting). With a base model and the
+experts, `retention` = share of each expert's gain over the base that a model keeps.
+Writes JSON, a markdown table and a PNG chart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+
+@dataclass
+class Suite:
+    skills: Dict[str, str]  # skill -> held-out jsonl ({"prompt","answer"} or {"text"} records)
+    experts: Dict[str, str] = field(default_factory=dict)  # skill -> expert model dir
+    general: Optional[str] = None  # jsonl of {"text"} records
+    base: Optional[str] = None
+
+    @classmethod
+    def from_lab(cls, manifest: dict) -> "Suite":
+        return cls(
+            skills={skill: entry["held_out"] for skill, entry in manifest["skills"].items()},
+            experts={skill: entry["expert"] for skill, entry in manifest["skills"].items()},
+            general=manifest["general"],
+            base=manifest["base"],
+        )
+
+
+def read_records(path: str) -> List[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+class Scorer:
+    """One causal LM and its tokenizer, scored in float32."""
+
+    def __init__(self, path: str, device: str = "cpu"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        self.device = device
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+    def encode(self, text: str) -> List[int]:
+        return self.tokenizer(text)["input_ids"]
+
+    def _batch(self, sequences: List[List[int]], left: bool = False):
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, sequence in enumerate(sequences):
+            span = slice(width - len(sequence), width) if left else slice(0, len(sequence))
+            ids[row, span] = torch.tensor(sequence)
+            mask[row, span] = 1
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        return ids.to(self.device), mask.to(self.device), positions.to(self.device)
+
+    @torch.no_grad()
+    def logits(self, sequences: List[List[int]]) -> tuple:
+        ids, mask, positions = self._batch(sequences)
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float(), mask
+
+    @torch.no_grad()
+    def nll(self, records: List[dict]) -> float:
+        """Mean NLL per scored token: answer + EOS for answer records, every token but the first for text."""
+        sequences, scored = [], []
+        for record in records:
+            if "answer" in record:
+                prompt = self.encode(record["prompt"])
+                answer = self.tokenizer(record["answer"], add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+                sequences.append(prompt + answer)
+                scored.append(range(len(prompt), len(prompt) + len(answer)))
+            else:
+                ids = self.encode(record["text"])
+                sequences.append(ids)
+                scored.append(range(1, len(ids)))
+        logits, _ = self.logits(sequences)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        total, count = 0.0, 0
+        for row, positions in enumerate(scored):
+            for position in positions:
+                total -= log_probs[row, position - 1, sequences[row][position]].item()
+                count += 1
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def greedy(self, prompts: List[str], max_new_tokens: int) -> List[str]:
+        sequences = [self.encode(p) for p in prompts]
+        generated = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        for _ in range(max_new_tokens):
+            ids, mask, positions = self._batch([s + g for s, g in zip(sequences, generated)], left=True)
+            next_tokens = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].argmax(-1).tolist()
+            for row, token in enumerate(next_tokens):
+                if not done[row]:
+                    if token == self.tokenizer.eos_token_id:
+                        done[row] = True
+                    else:
+                        generated[row].append(token)
+            if all(done):
+                break
+        return [self.tokenizer.decode(g, skip_special_tokens=True) for g in generated]
+
+    def accuracy(self, records: List[dict]) -> Optional[float]:
+        answered = [r for r in records if "answer" in r]
+        if not answered:
+            return None
+        longest = max(len(self.tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in answered)
+        outputs = self.greedy([r["prompt"] for r in answered], longest + 2)
+        return sum(out.strip() == r["answer"].strip() for out, r in zip(outputs, answered)) / len(answered)
+
+
+def texts_of(records: List[dict]) -> List[str]:
+    return [r["prompt"] + r["answer"] if "answer" in r else r["text"] for r in records]
+
+
+def kl_to(expert: Scorer, model: Scorer, texts: List[str]) -> float:
+    """KL(expert || model) per token, T = 1, over the texts' real tokens."""
+    sequences = [expert.encode(t) for t in texts]
+    teacher, mask = expert.logits(sequences)
+    student, _ = model.logits(sequences)
+    log_t, log_s = torch.log_softmax(teacher, -1), torch.log_softmax(student, -1)
+    per_token = (log_t.exp() * (log_t - log_s)).sum(-1)
+    return float((per_token * mask).sum() / mask.sum())
+
+
+def score(models: Dict[str, str], suite: Suite, device: str = "cpu") -> dict:
+    data = {skill: read_records(path) for skill, path in suite.skills.items()}
+    general = read_records(suite.general) if suite.general else None
+    experts = {skill: Scorer(path, device) for skill, path in suite.experts.items()}
+    results = {}
+    for name, path in models.items():
+        scorer = experts.get(next((s for s, p in suite.experts.items() if p == path), None)) or Scorer(path, device)
+        entry = {}
+        for skill, records in data.items():
+            nll = scorer.nll(records)
+            entry[skill] = {"nll": nll, "ppl": math.exp(min(nll, 50)), "accuracy": scorer.accuracy(records)}
+            if skill in experts:
+                entry[skill]["kl"] = kl_to(experts[skill], scorer, texts_of(records))
+        if general:
+            entry["general_nll"] = scorer.nll(general)
+        results[name] = entry
+    if suite.base and suite.experts:
+        add_retention(results, models, suite)
+    return results
+
+
+def add_retention(results: dict, models: Dict[str, str], suite: Suite) -> None:
+    """retention[skill] = (base - model) / (base - expert) in NLL, and in accuracy where defined."""
+    by_path = {path: name for name, path in models.items()}
+    base, experts = by_path.get(suite.base), {s: by_path.get(p) for s, p in suite.experts.items()}
+    if base is None or None in experts.values():
+        return
+    for name, entry in results.items():
+        entry["retention"] = {}
+        for skill, expert in experts.items():
+            gains = {}
+            for metric, sign in (("nll", 1), ("accuracy", -1)):
+                b, e, m = results[base][skill][metric], results[expert][skill][metric], entry[skill][metric]
+                if b is not None and e is not None and abs(b - e) > 1e-9:
+                    gains[metric] = (b - m) / (b - e) if sign == 1 else (m - b) / (e - b)
+            entry["retention"][skill] = gains
+
+
+def markdown(results: dict) -> str:
+    first = next(iter(results.values()))
+    skills = [k for k, v in first.items() if isinstance(v, dict) and "nll" in v]
+    header = "| model | " + " | ".join(f"{s} acc | {s} NLL | {s} KL" for s in skills) + " | general NLL |"
+    lines = [header, "|" + "---|" * (2 + 3 * len(skills))]
+    for name, entry in results.items():
+        cells = []
+        for skill in skills:
+            m = entry[skill]
+            cells += ["–" if m["accuracy"] is None else f"{m['accuracy']:.2f}", f"{m['nll']:.3f}", f"{m['kl']:.3f}" if "kl" in m else "–"]
+        general = entry.get("general_nll")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'–' if general is None else f'{general:.3f}'} |")
+    return "\n".join(lines)
+
+
+def chart(results: dict, path: str, highlight: Optional[List[str]] = None) -> str:
+    """Two panels: exact-match accuracy and KL to the skill's expert, per skill and model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = highlight or list(results)
+    skills = [k for k, v in results[names[0]].items() if isinstance(v, dict) and "nll" in v]
+    figure, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.8 / len(names)
+    for panel, (metric, label) in zip(axes, (("accuracy", "exact-match accuracy (higher is better)"), ("kl", "KL(expert || model) (lower is better)"))):
+        for index, name in enumerate(names):
+            values = [results[name][s].get(metric) or 0.0 for s in skills]
+            positions = [i + (index - (len(names) - 1) / 2) * width for i in range(len(skills))]
+            panel.bar(positions, values, width, label=name)
+        panel.set_xticks(range(len(skills)), skills)
+        panel.set_title(label)
+        panel.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def write_outputs(results: dict, out_dir: str, highlight: Optional[List[str]] = None) -> Dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "compare.json"), "table": os.path.join(out_dir, "compare.md"),
+             "chart": os.path.join(out_dir, "compare.png")}
+    with open(paths["json"], "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=1)
+    with open(paths["table"], "w", encoding="utf-8") as handle:
+        handle.write(markdown(results) + "\n")
+    chart(results, paths["chart"], highlight)
+    return paths

@@ -1,0 +1,208 @@
+"""The merge lab: a tiny base model and experts fine-tuned from it on clearly different
+skills, built offline and deterministically in a few minutes on a CPU.
+
+Mirrors the DAM paper's setup (experts from one base with different specialities):
+- a character-level tokenizer and a tiny Llama base, pretrained briefly on generated
+  general text (a small English grammar);
+- one expert per skill, fully fine-tuned from the base: arithmetic (two-digit addition
+  without carries, `31+45=` -> `76`),
+  a string transformation (`abc>` -> `BCD`, next letter, upper case), a synthetic foreign language (word-by-word
+  translation with an invented dictionary, `the cat|` -> `ka miro`), and code-like
+  structure (closing brackets, `([<~` -> `>])`);
+- per skill: calibration data for DAM, a validation split for tuning, and a held-out
+  split with exact answers. The example space is partitioned by a hash of the prompt,
+  so held-out prompts never occur in fine-tuning, calibration or validation data.
+Cached in its directory; rebuilt only when the recipe changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import string
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+from mergekit_dam.tiny import make_config, make_tokenizer, save_model
+
+SKILLS = ("arithmetic", "shift", "translate", "brackets")
+SPLITS = ("train", "validation", "held_out")
+
+WORDS = ["the", "a", "cat", "dog", "bird", "fish", "man", "woman", "child", "house", "tree", "river", "sees",
+         "eats", "likes", "finds", "big", "small", "red", "old", "runs", "sleeps", "near", "under", "and"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines the lab's tensors; a change rebuilds the lab."""
+
+    seed: int = 0
+    hidden: int = 96
+    layers: int = 3
+    pretrain_steps: int = 300
+    finetune_steps: int = 800
+    batch: int = 32
+    lr: float = 3e-3
+    calibration: int = 256
+    validation: int = 48
+    held_out: int = 48
+    version: int = 1  # bump when the generators below change
+
+
+def _dictionary(seed: int) -> Dict[str, str]:
+    """The invented language: one made-up word per English word."""
+    generator = torch.Generator().manual_seed(seed + 7)
+    consonants, vowels = "bdfgklmnprstvz", "aeiou"
+    result, used = {}, set()
+    for word in WORDS:
+        while True:
+            syllables = 1 + int(torch.randint(0, 2, (1,), generator=generator))
+            made = "".join(consonants[int(torch.randint(0, 14, (1,), generator=generator))] + vowels[int(torch.randint(0, 5, (1,), generator=generator))] for _ in range(syllables))
+            if made not in used:
+                used.add(made)
+                result[word] = made
+                break
+    return result
+
+
+def _sentence(generator: torch.Generator) -> List[str]:
+    def pick(options):
+        return options[int(torch.randint(0, len(options), (1,), generator=generator))]
+
+    words = [pick(["the", "a"]), pick(["big", "small", "red", "old", ""]), pick(["cat", "dog", "bird", "man", "woman", "child"])]
+    words += [pick(["sees", "eats", "likes", "finds"]), pick(["the", "a"]), pick(["fish", "house", "tree", "river", "dog"])]
+    if int(torch.randint(0, 3, (1,), generator=generator)) == 0:
+        words += [pick(["near", "under"]), "the", pick(["house", "tree", "river"])]
+    return [w for w in words if w]
+
+
+def skill_generators(seed: int) -> Dict[str, Callable[[torch.Generator], Tuple[str, str]]]:
+    """(prompt, answer) samplers per skill; answers are exact."""
+    dictionary = _dictionary(seed)
+
+    def pick(generator, n):
+        return int(torch.randint(0, n, (1,), generator=generator))
+
+    def arithmetic(g):  # two-digit addition without carries: learnable at this size
+        digits = [(x, pick(g, 10 - x)) for x in (pick(g, 10), pick(g, 10))]
+        a, b = "".join(str(x) for x, _ in digits), "".join(str(y) for _, y in digits)
+        return f"{a}+{b}=", str(int(a) + int(b)).zfill(2)
+
+    def shift(g):
+        word = "".join(string.ascii_lowercase[pick(g, 26)] for _ in range(3 + pick(g, 4)))
+        return f"{word}>", "".join(string.ascii_uppercase[(string.ascii_lowercase.index(c) + 1) % 26] for c in word)
+
+    def translate(g):
+        words = _sentence(g)[: 2 + pick(g, 4)]
+        return " ".join(words) + "|", " ".join(dictionary[w] for w in words)
+
+    def brackets(g):
+        pairs = ["()", "[]", "{}", "<>"]
+        opened = [pairs[pick(g, 4)] for _ in range(2 + pick(g, 4))]
+        return "".join(p[0] for p in opened) + "~", "".join(p[1] for p in reversed(opened))
+
+    return {"arithmetic": arithmetic, "shift": shift, "translate": translate, "brackets": brackets}
+
+
+def split_of(prompt: str) -> str:
+    """Hash partition of the prompt space: 80% train (fine-tuning + calibration), 10% each
+    validation and held-out; a prompt belongs to exactly one split."""
+    bucket = int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 10
+    return "held_out" if bucket == 0 else "validation" if bucket == 1 else "train"
+
+
+def sample(generator_fn, split: str, count: int, generator: torch.Generator, unique: bool = True) -> List[Tuple[str, str]]:
+    examples, seen = [], set()
+    attempts = 0
+    while len(examples) < count:
+        attempts += 1
+        if attempts > count * 200:
+            raise RuntimeError(f"lab: could not draw {count} distinct {split} examples")
+        prompt, answer = generator_fn(generator)
+        if split_of(prompt) != split or (unique and prompt in seen):
+            continue
+        seen.add(prompt)
+        examples.append((prompt, answer))
+    return examples
+
+
+def general_text(generator: torch.Generator, count: int) -> List[str]:
+    return [" ".join(_sentence(generator)) + "." for _ in range(count)]
+
+
+def _lm_steps(model, tokenizer, texts_fn: Callable[[], List[str]], steps: int, lr: float) -> None:
+    from mergekit_dam.data import collate
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)  # linear decay
+    model.train()
+    for _ in range(steps):
+        ids, mask = collate([tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts_fn()], tokenizer.pad_token_id)
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def _write_jsonl(path: str, records: List[dict]) -> str:
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+    return path
+
+
+def build(root: str, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
+    """Build (or reuse) the lab in `root`; returns its manifest (also `root/lab.json`)."""
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    manifest_path = os.path.join(root, "lab.json")
+    if os.path.exists(manifest_path):
+        with open(manifest_path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        if manifest.get("recipe") == asdict(recipe):
+            return manifest
+
+    torch.manual_seed(recipe.seed)
+    os.makedirs(os.path.join(root, "data"), exist_ok=True)
+    tokenizer = make_tokenizer()
+    config = make_config("llama", hidden=recipe.hidden, layers=recipe.layers)
+    generators = skill_generators(recipe.seed)
+    text_generator = torch.Generator().manual_seed(recipe.seed + 1)
+    bar = tqdm(total=1 + len(SKILLS), desc="building the lab", disable=not progress)
+
+    base = AutoModelForCausalLM.from_config(config)
+    _lm_steps(base, tokenizer, lambda: general_text(text_generator, recipe.batch), recipe.pretrain_steps, recipe.lr)
+    manifest = {"recipe": asdict(recipe), "base": save_model(base, os.path.join(root, "base"), tokenizer),
+                "skills": {}, "general": None}
+    bar.update()
+    manifest["general"] = _write_jsonl(os.path.join(root, "data", "general.held_out.jsonl"),
+                                       [{"text": t} for t in general_text(torch.Generator().manual_seed(recipe.seed + 2), recipe.held_out)])
+    for index, skill in enumerate(SKILLS):
+        draw = generators[skill]
+        train_generator = torch.Generator().manual_seed(recipe.seed + 100 + index)
+
+        def batch_texts():
+            return ["".join(pair) for pair in sample(draw, "train", recipe.batch, train_generator, unique=False)]
+
+        expert = AutoModelForCausalLM.from_config(config)
+        expert.load_state_dict(base.state_dict())
+        _lm_steps(expert, tokenizer, batch_texts, recipe.finetune_steps, recipe.lr)
+        files = {}
+        for split, count in (("train", recipe.calibration), ("validation", recipe.validation), ("held_out", recipe.held_out)):
+            examples = sample(draw, split, count, torch.Generator().manual_seed(recipe.seed + 1000 * (index + 1) + SPLITS.index(split)))
+            records = [{"text": p + a} for p, a in examples] if split == "train" else [{"prompt": p, "answer": a} for p, a in examples]
+            name = "calibration" if split == "train" else split
+            files[name] = _write_jsonl(os.path.join(root, "data", f"{skill}.{name}.jsonl"), records)
+        manifest["skills"][skill] = {"expert": save_model(expert, os.path.join(root, f"expert_{skill}"), tokenizer), **files}
+        bar.update()
+    bar.close()
+    with open(manifest_path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=1)
+    os.replace(manifest_path + ".tmp", manifest_path)
+    return manifest

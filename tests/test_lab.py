@@ -1,0 +1,45 @@
+import json
+
+import torch
+
+from mergekit_dam.lab import SKILLS, Recipe, build, skill_generators, split_of
+
+from conftest import read_checkpoint
+
+TINY = Recipe(hidden=16, layers=1, pretrain_steps=3, finetune_steps=3, batch=4, calibration=8, validation=4, held_out=4)
+
+
+def test_same_recipe_gives_identical_tensors_and_data(tmp_path):
+    first, second = build(str(tmp_path / "a"), TINY, progress=False), build(str(tmp_path / "b"), TINY, progress=False)
+    for a, b in [(first["base"], second["base"])] + [(first["skills"][s]["expert"], second["skills"][s]["expert"]) for s in SKILLS]:
+        ta, tb = read_checkpoint(a), read_checkpoint(b)
+        assert all(torch.equal(ta[n], tb[n]) for n in ta)
+    for skill in SKILLS:
+        for split in ("calibration", "validation", "held_out"):
+            assert open(first["skills"][skill][split]).read() == open(second["skills"][skill][split]).read()
+
+
+def test_reused_unless_the_recipe_changes(tmp_path):
+    build(str(tmp_path), TINY, progress=False)
+    stamp = (tmp_path / "base" / "model.safetensors").stat().st_mtime_ns
+    build(str(tmp_path), TINY, progress=False)
+    assert (tmp_path / "base" / "model.safetensors").stat().st_mtime_ns == stamp
+    changed = build(str(tmp_path), Recipe(**{**TINY.__dict__, "seed": 1}), progress=False)
+    assert changed["recipe"]["seed"] == 1
+    assert (tmp_path / "base" / "model.safetensors").stat().st_mtime_ns != stamp
+
+
+def test_held_out_prompts_are_disjoint_from_training_and_answers_are_exact(tmp_path):
+    manifest = build(str(tmp_path), TINY, progress=False)
+    for skill in SKILLS:
+        held = [json.loads(line) for line in open(manifest["skills"][skill]["held_out"])]
+        assert all(split_of(r["prompt"]) == "held_out" for r in held)
+        calibration = [json.loads(line)["text"] for line in open(manifest["skills"][skill]["calibration"])]
+        assert not {r["prompt"] + r["answer"] for r in held} & set(calibration)
+    generators = skill_generators(0)
+    g = torch.Generator().manual_seed(0)
+    prompt, answer = generators["arithmetic"](g)
+    a, b = prompt.rstrip("=").split("+")
+    assert int(answer) == int(a) + int(b)
+    prompt, answer = generators["brackets"](g)
+    assert len(answer) == len(prompt) - 1
