@@ -75,26 +75,27 @@ class Scorer:
         return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float(), mask
 
     @torch.no_grad()
-    def nll(self, records: List[dict]) -> float:
+    def nll(self, records: List[dict], chunk: int = 8) -> float:
         """Mean NLL per scored token: answer + EOS for answer records, every token but the first for text."""
-        sequences, scored = [], []
-        for record in records:
-            if "answer" in record:
-                prompt = self.encode(record["prompt"])
-                answer = self.tokenizer(record["answer"], add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-                sequences.append(prompt + answer)
-                scored.append(range(len(prompt), len(prompt) + len(answer)))
-            else:
-                ids = self.encode(record["text"])
-                sequences.append(ids)
-                scored.append(range(1, len(ids)))
-        logits, _ = self.logits(sequences)
-        log_probs = torch.log_softmax(logits, dim=-1)
         total, count = 0.0, 0
-        for row, positions in enumerate(scored):
-            for position in positions:
-                total -= log_probs[row, position - 1, sequences[row][position]].item()
-                count += 1
+        for begin in range(0, len(records), chunk):
+            sequences, starts = [], []
+            for record in records[begin : begin + chunk]:
+                if "answer" in record:
+                    prompt = self.encode(record["prompt"])
+                    answer = self.tokenizer(record["answer"], add_special_tokens=False)["input_ids"]
+                    sequences.append(prompt + answer + [self.tokenizer.eos_token_id])
+                    starts.append(len(prompt))
+                else:
+                    sequences.append(self.encode(record["text"]))
+                    starts.append(1)
+            logits, mask = self.logits(sequences)
+            ids = self._batch(sequences)[0]
+            token_log_probs = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+            positions = torch.arange(ids.shape[1] - 1, device=ids.device)[None] + 1
+            scored = (positions >= torch.tensor(starts, device=ids.device)[:, None]) & (mask[:, 1:] == 1)
+            total -= float(token_log_probs[scored].sum())
+            count += int(scored.sum())
         return total / max(count, 1)
 
     @torch.no_grad()
@@ -128,14 +129,18 @@ def texts_of(records: List[dict]) -> List[str]:
     return [r["prompt"] + r["answer"] if "answer" in r else r["text"] for r in records]
 
 
-def kl_to(expert: Scorer, model: Scorer, texts: List[str]) -> float:
+def kl_to(expert: Scorer, model: Scorer, texts: List[str], chunk: int = 8) -> float:
     """KL(expert || model) per token, T = 1, over the texts' real tokens."""
-    sequences = [expert.encode(t) for t in texts]
-    teacher, mask = expert.logits(sequences)
-    student, _ = model.logits(sequences)
-    log_t, log_s = torch.log_softmax(teacher, -1), torch.log_softmax(student, -1)
-    per_token = (log_t.exp() * (log_t - log_s)).sum(-1)
-    return float((per_token * mask).sum() / mask.sum())
+    total, count = 0.0, 0
+    for begin in range(0, len(texts), chunk):
+        sequences = [expert.encode(t) for t in texts[begin : begin + chunk]]
+        teacher, mask = expert.logits(sequences)
+        student, _ = model.logits(sequences)
+        log_t, log_s = torch.log_softmax(teacher, -1), torch.log_softmax(student, -1)
+        per_token = (log_t.exp() * (log_t - log_s)).sum(-1)
+        total += float((per_token * mask).sum())
+        count += int(mask.sum())
+    return total / max(count, 1)
 
 
 def score(models: Dict[str, str], suite: Suite, device: str = "cpu") -> dict:
@@ -143,8 +148,9 @@ def score(models: Dict[str, str], suite: Suite, device: str = "cpu") -> dict:
     general = read_records(suite.general) if suite.general else None
     experts = {skill: Scorer(path, device) for skill, path in suite.experts.items()}
     results = {}
+    skill_of_expert = {path: skill for skill, path in suite.experts.items()}
     for name, path in models.items():
-        scorer = experts.get(next((s for s, p in suite.experts.items() if p == path), None)) or Scorer(path, device)
+        scorer = experts[skill_of_expert[path]] if path in skill_of_expert else Scorer(path, device)
         entry = {}
         for skill, records in data.items():
             nll = scorer.nll(records)

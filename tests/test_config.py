@@ -72,3 +72,20 @@ def test_example_configs_are_valid():
         if raw["merge_method"] == "dam":
             raw = {k: v for k, v in raw.items() if k not in ("merge_method", "base_model", "dtype")}
             check_merge_config(normalised(raw))
+
+
+def test_lab_example_configs_match_the_demo():
+    import os
+
+    import yaml
+
+    from mergekit_dam.demo import merge_configs
+    from mergekit_dam.lab import SKILLS
+
+    root = "dam-lab"
+    manifest = {"base": f"{root}/base", "skills": {
+        s: {"expert": f"{root}/expert_{s}", "calibration": f"{root}/data/{s}.calibration.jsonl"} for s in SKILLS}}
+    here = os.path.join(os.path.dirname(__file__), "..", "example_configs", "lab")
+    for name, config in merge_configs(manifest, f"{root}/dam_coefficients.safetensors").items():
+        with open(os.path.join(here, f"{name}.yml")) as handle:
+            assert yaml.safe_load(handle) == config, name
