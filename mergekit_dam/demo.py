@@ -23,7 +23,7 @@ import yaml
 from mergekit_dam.lab import SKILLS, build
 
 # DAM hyperparameters for the lab, chosen on the validation split (BENCHMARKS.md).
-DAM_LAB_SETTINGS = {"steps": 150, "lr": 0.01, "batch_size": 8, "max_length": 32, "samples": 256,
+DAM_LAB_SETTINGS = {"steps": 400, "lr": 0.03, "batch_size": 16, "max_length": 32, "samples": 256,
                     "temperature": 2.0, "similarity_weight": 0.01, "seed": 0}
 
 
