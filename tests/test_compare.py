@@ -65,3 +65,16 @@ def test_score_table_chart_and_retention(families, tmp_path):
     assert os.path.getsize(outputs["chart"]) > 10_000
     with open(outputs["chart"], "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_compare_on_user_models_and_files(families, tmp_path, capsys):
+    from mergekit_dam.cli import main as cli
+
+    base, expert, *_ = families["llama"]
+    skill = _write(tmp_path / "skill.jsonl", [{"prompt": "ab", "answer": "cd"}])
+    code = cli(["compare", f"base={base}", expert, "--skill", f"s={skill}", "--expert", f"s={expert}",
+                "--base", base, "--out", str(tmp_path / "out")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| base |" in out and "| expert_1 |" in out and "chart:" in out
+    assert cli(["compare", base, "--out", str(tmp_path / "x")]) == 1  # no held-out data: one-line error

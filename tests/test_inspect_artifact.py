@@ -1,0 +1,34 @@
+import torch
+
+from mergekit_dam.artifact import write_artifact
+from mergekit_dam.cli import main as cli
+from mergekit_dam.inspect_artifact import module_of, report, summarize, text_summary
+
+
+def test_module_names():
+    assert module_of("model.layers.3.mlp.up_proj.weight") == (3, "up_proj")
+    assert module_of("model.layers.0.self_attn.q_proj.bias") == (0, "q_proj.bias")
+    assert module_of("model.layers.12.input_layernorm.weight") == (12, "input_layernorm")
+    assert module_of("lm_head.weight") == (None, "lm_head")
+
+
+def test_summary_statistics_heatmap_and_cli(tmp_path, capsys):
+    tables = {
+        "model.layers.0.mlp.up_proj.weight": torch.tensor([[1.0, 3.0], [0.0, 0.5]]),
+        "model.layers.1.mlp.up_proj.weight": torch.tensor([[2.0, 2.0], [1.0, 0.0]]),
+        "model.norm.weight": torch.tensor([[0.25, 0.75], [0.5, 0.5]]),
+    }
+    path = str(tmp_path / "c.safetensors")
+    write_artifact(path, tables, ["a", "b"], {"steps": 3})
+    summary = summarize(path)
+    assert summary["layers"]["up_proj"] == {0: [2.0, 0.25], 1: [2.0, 0.5]}
+    stats = summary["tensors"]["model.layers.0.mlp.up_proj.weight"]["a"]
+    assert (stats["mean"], stats["min"], stats["max"]) == (2.0, 1.0, 3.0)
+    assert abs(stats["std"] - 2**0.5) < 1e-9  # sample standard deviation of [1, 3]
+    assert summary["provenance"]["steps"] == 3
+    assert "| up_proj | 2.000 | 0.375 |" in text_summary(summary)
+    outputs = report(path, str(tmp_path / "out"))
+    with open(outputs["heatmap"], "rb") as handle:
+        assert handle.read(4) == b"\x89PNG"
+    assert cli(["inspect", path, "--out", str(tmp_path / "cli")]) == 0
+    assert "heatmap:" in capsys.readouterr().out
