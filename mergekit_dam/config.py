@@ -44,7 +44,7 @@ class DamSettings(BaseModel):
 
     # Training stage (defaults follow the reference implementation; see README).
     seed: int = 42
-    steps: int = Field(0, ge=0, description="optimizer steps; 0 = `epochs` over the data")
+    steps: Optional[int] = Field(None, ge=1, description="optimizer steps; unset = `epochs` over the data")
     epochs: float = Field(1.0, gt=0)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)

@@ -46,15 +46,20 @@ def load_records(settings: ModelSettings, model: str):
                     f"dam: dataset {path} (model {model}) has an unsupported extension; "
                     f"use one of {', '.join(sorted(LOCAL_BUILDERS))}"
                 )
+            if os.path.getsize(path) == 0:
+                raise DamError(f"dam: dataset {path} (model {model}) is empty; give it examples or remove it")
             records = datasets.load_dataset(builder, data_files=path, split="train")
         else:
             records = datasets.load_dataset(name, name=settings.dataset_config or None, split=settings.dataset_split)
     except DamError:
         raise
-    except UnicodeDecodeError as error:
-        raise DamError(f"dam: dataset {name} (model {model}) is not UTF-8 text ({error.reason}); re-encode it") from None
-    except Exception as error:  # datasets raises many kinds; the user needs the dataset and the cause
-        raise DamError(f"dam: cannot load dataset {name} for model {model}: {type(error).__name__}: {error}") from None
+    except Exception as error:  # datasets wraps causes in its own errors; report the root one
+        cause = error
+        while cause.__cause__ is not None or (cause.__context__ is not None and not cause.__suppress_context__):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, UnicodeDecodeError):
+            raise DamError(f"dam: dataset {name} (model {model}) is not UTF-8 text ({cause.reason}); re-encode it as UTF-8") from None
+        raise DamError(f"dam: cannot load dataset {name} for model {model}: {type(cause).__name__}: {cause}") from None
     if len(records) == 0:
         raise DamError(f"dam: dataset {name} (model {model}) is empty; give it examples or remove it")
     return records

@@ -62,6 +62,11 @@ def _check_identity_slices(config, arch_info, options) -> None:
     keep each layer in place (no frankenmerge reordering or stacking) can use them."""
     for module_name, module in config.modules.items():
         module_arch = arch_info.modules[module_name].architecture
+        for out_slice in module.slices:
+            lengths = {str(s.model): s.layer_range[1] - s.layer_range[0] for s in out_slice.sources}
+            if len(set(lengths.values())) > 1:
+                listing = ", ".join(f"{model}: {count}" for model, count in lengths.items())
+                raise DamError(f"dam: the inputs have different numbers of layers ({listing}); DAM merges models of one geometry")
         position = 0
         for out_slice in module.slices:
             for source in out_slice.sources:
@@ -101,6 +106,12 @@ def tensor_specs(config, arch_info, options, models: Sequence[object], out_confi
     from mergekit.io.tasks import LoaderCache
 
     loaders = {str(model): LoaderCache().get(model) for model in models}
+    for model, loader in loaders.items():
+        if not loader.index.is_safetensors and not options.lazy_unpickle:
+            raise DamError(
+                f"dam: {model} has only pickle (.bin) weights, which can run code when loaded; convert it to "
+                "safetensors, or pass mergekit's --lazy-unpickle to use its restricted unpickler"
+            )
     specs: List[TensorSpec] = []
     for module_name, module_def in arch_info.modules.items():
         out_arch = ConfiguredModuleArchitecture(

@@ -58,9 +58,22 @@ def cache_dir() -> str:
 # --- the training key -----------------------------------------------------------------
 
 
+SAMPLED_BLOCKS, BLOCK_BYTES = 64, 1 << 16
+
+
+def _sampled_content(path: str, size: int, digest) -> None:
+    """64 blocks of 64 KiB spread evenly over the file: an in-place edit that keeps the
+    size and the modification time still changes the key unless it avoids all of them."""
+    with open(path, "rb") as handle:
+        for index in range(SAMPLED_BLOCKS):
+            handle.seek(index * max(0, size - BLOCK_BYTES) // max(1, SAMPLED_BLOCKS - 1))
+            digest.update(handle.read(BLOCK_BYTES))
+
+
 def _model_fingerprint(model, digest) -> None:
-    """Config and tokenizer files by content; weight files by name, size, mtime and
-    safetensors header (hashing every byte of a 70B checkpoint would take minutes)."""
+    """Config and tokenizer files by content; weight files by name, size, mtime,
+    safetensors header and sampled content (hashing every byte of a 70B checkpoint
+    would take minutes)."""
     from mergekit.io.tasks import LoaderCache
 
     index = LoaderCache().get(model).index
@@ -73,6 +86,7 @@ def _model_fingerprint(model, digest) -> None:
             with open(path, "rb") as handle:
                 header_length = int.from_bytes(handle.read(8), "little")
                 digest.update(handle.read(min(header_length, 100_000_000)))
+        _sampled_content(path, stat.st_size, digest)
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja"):
         if os.path.exists(os.path.join(base, name)):
             with open(os.path.join(base, name), "rb") as handle:

@@ -89,6 +89,11 @@ class MergedModel:
         self.stacks = dict(stacks)
         expected = {name for name, _ in skeleton.named_parameters()}
         missing, extra = expected - set(self.stacks), set(self.stacks) - expected
+        if (missing, extra) == (set(), {"lm_head.weight"}) and getattr(skeleton.config, "tie_word_embeddings", False):
+            raise DamError(
+                "dam: the inputs mix tied and untied embeddings: the base/first model ties lm_head to the embedding "
+                "(tie_word_embeddings) but an input has its own lm_head; use a base with an untied lm_head"
+            )
         if missing or extra:
             raise DamError(
                 "dam: the checkpoints' tensors do not match the model class built from the config "

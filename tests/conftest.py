@@ -14,6 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from mergekit_dam.lab import SKILLS, Recipe, build
 from mergekit_dam.tiny import make_family
 
 BIN = os.path.dirname(sys.executable)
@@ -76,3 +77,18 @@ def dam_config(models: Sequence[str], base: str | None = None, parameters: dict 
         config["parameters"] = parameters
     config.update(extra)
     return config
+
+
+# A reduced lab recipe: four experts that really differ, built in seconds.
+SMALL_LAB = Recipe(hidden=32, layers=2, pretrain_steps=30, finetune_steps=60, batch=16, calibration=48, validation=16, held_out=16)
+
+
+def small_lab(root, **changes) -> dict:
+    manifest = build(str(root), Recipe(**{**SMALL_LAB.__dict__, **changes}), progress=False)
+    return {"base": manifest["base"], "experts": [manifest["skills"][s]["expert"] for s in SKILLS],
+            "data": [manifest["skills"][s]["calibration"] for s in SKILLS]}
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory):
+    return small_lab(tmp_path_factory.mktemp("lab"))

@@ -1,13 +1,13 @@
 import os
 
 from mergekit_dam.demo import run_demo
-from mergekit_dam.lab import SKILLS, Recipe
+from mergekit_dam.lab import SKILLS
 
-SMALL = Recipe(hidden=32, layers=2, pretrain_steps=30, finetune_steps=60, batch=16, calibration=48, validation=16, held_out=16)
+from conftest import SMALL_LAB
 
 
 def test_demo_runs_five_merges_through_mergekit_yaml_and_compares(tmp_path):
-    result = run_demo(str(tmp_path / "demo"), quiet=True, recipe=SMALL)
+    result = run_demo(str(tmp_path / "demo"), quiet=True, recipe=SMALL_LAB)
     assert result["max_error"] < 1e-5
     assert set(result["seconds"]) == {"dam", "linear", "task_arithmetic", "ties", "dare_ties"}
     for path in result["outputs"].values():

@@ -16,26 +16,12 @@ from mergekit_dam import stage, trainer
 from mergekit_dam.api import train as train_stage
 from mergekit_dam.cli import main as cli
 from mergekit_dam.config import DamError
-from mergekit_dam.lab import SKILLS, Recipe, build
+from mergekit_dam.lab import SKILLS
 from mergekit_dam.tiny import make_tokenizer
 
-from conftest import expected_merge, read_checkpoint, write_config
+from conftest import expected_merge, read_checkpoint, small_lab, write_config
 
 FAST = {"steps": 12, "lr": 0.02, "max_length": 24, "batch_size": 4, "samples": 40}
-
-
-SMALL = Recipe(hidden=32, layers=2, pretrain_steps=30, finetune_steps=60, batch=16, calibration=48, validation=16, held_out=16)
-
-
-def small_lab(root, **changes):
-    manifest = build(str(root), Recipe(**{**SMALL.__dict__, **changes}), progress=False)
-    return {"base": manifest["base"], "experts": [manifest["skills"][s]["expert"] for s in SKILLS],
-            "data": [manifest["skills"][s]["calibration"] for s in SKILLS]}
-
-
-@pytest.fixture(scope="session")
-def lab(tmp_path_factory):
-    return small_lab(tmp_path_factory.mktemp("lab"))
 
 
 N = len(SKILLS)
