@@ -314,19 +314,11 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
             picks = {i: batch_indices(len(train_sets[i]), settings.batch_size, micro_step, settings.seed, i) for i in experts}
             sequences = [train_sets[i][k] for i in experts for k in picks[i]]
             ids, mask = (t.to(device) for t in collate(sequences, pad_id))
-            tables = _tables(raw, fixed, forward)
-            student = view.logits(view.merged_weights(tables), ids, mask)
-            loss = objective.regularisers([tables[name] for name in raw], settings)
-            for slot, index in enumerate(experts):
-                rows = slice(slot * settings.batch_size, (slot + 1) * settings.batch_size)
-                if topk_cache is not None:
-                    values, indices = _gather_topk(topk_cache[index], picks[index], ids.shape[1], device)
-                    expert_loss, kl = objective.expert_loss(student[rows], mask[rows], settings, topk=(values, indices))
-                else:
-                    with torch.no_grad():
-                        teacher = view.logits(view.expert_weights(index), ids[rows], mask[rows])
-                    expert_loss, kl = objective.expert_loss(student[rows], mask[rows], settings, teacher=teacher)
-                loss = loss + expert_loss
+            topk = None
+            if topk_cache is not None:
+                topk = {i: _gather_topk(topk_cache[i], picks[i], ids.shape[1], device) for i in experts}
+            loss, kls = micro_batch_loss(view, _tables(raw, fixed, forward), list(raw), experts, ids, mask, settings, topk)
+            for index, kl in zip(experts, kls):
                 step_kl[job.rows[index]] += kl.item() / settings.grad_accum
             value = loss.item()
             if not math.isfinite(value):
@@ -337,7 +329,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
             (loss / settings.grad_accum).backward()
             step_loss += value / settings.grad_accum
             tokens_seen += int(mask.sum())
-            del student, loss
+            del loss
         if settings.grad_clip:
             torch.nn.utils.clip_grad_norm_(list(raw.values()), settings.grad_clip)
         optimizer.step()
@@ -375,6 +367,26 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     LOG.info("dam: trained in %.1f s; held-out KL per expert, linear average -> DAM: %s", seconds,
              {row: f"{kl_start[row]:.4f} -> {kl_end[row]:.4f}" for row in kl_end})
     return TrainingResult(coefficients, report)
+
+
+def micro_batch_loss(view: MergedModel, tables, trainable: Sequence[str], experts: Sequence[int], ids, mask, settings, topk=None):
+    """The loss of one micro-batch (rows: `batch_size` sequences of each expert with data,
+    in `experts` order) and each expert's KL: one merged forward for all rows, each
+    expert's teacher from its own weights (or its cached top-K)."""
+    student = view.logits(view.merged_weights(tables), ids, mask)
+    loss = objective.regularisers([tables[name] for name in trainable], settings)
+    kls = []
+    for slot, index in enumerate(experts):
+        rows = slice(slot * settings.batch_size, (slot + 1) * settings.batch_size)
+        if topk is not None:
+            expert_loss, kl = objective.expert_loss(student[rows], mask[rows], settings, topk=topk[index])
+        else:
+            with torch.no_grad():
+                teacher = view.logits(view.expert_weights(index), ids[rows], mask[rows])
+            expert_loss, kl = objective.expert_loss(student[rows], mask[rows], settings, teacher=teacher)
+        loss = loss + expert_loss
+        kls.append(kl)
+    return loss, kls
 
 
 def _schedule(settings: DamSettings, steps: int):

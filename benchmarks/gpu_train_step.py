@@ -1,0 +1,151 @@
+"""Time DAM's real training step against the plain-model floor, in one run.
+
+    python benchmarks/gpu_train_step.py --geometry 1b   [--teacher online|topk] [--json out.json]
+    python benchmarks/gpu_train_step.py --geometry 7b
+    python benchmarks/gpu_train_step.py --geometry tiny --device cpu   # numerics/smoke on CPU
+
+Experts = one random base + small perturbations, built directly on the device in bf16
+(N experts, batch 1 sequence of `--seq` tokens per expert). The DAM step is the trainer's
+own `micro_batch_loss` + backward + AdamW step, the code path `mergekit-yaml` runs. The
+floor, measured first in the same process on the same device with one plain bf16 HF
+model of the same geometry: online teachers N x (fwd+bwd) + N x fwd; top-K teachers
+N x (fwd+bwd). Reports medians (and spread) after warm-up, peak memory, and ratios.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from mergekit_dam.config import DamSettings
+from mergekit_dam.trainer import micro_batch_loss
+from mergekit_dam.view import MergedModel, build_skeleton
+
+GEOMETRIES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
+    "7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def peak(device):
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--geometry", choices=GEOMETRIES, default="1b")
+    parser.add_argument("--experts", type=int, default=3)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--teacher", choices=("online", "topk"), default="online")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16
+    config = MistralConfig(**GEOMETRIES[args.geometry], max_position_embeddings=max(4096, args.seq), sliding_window=None,
+                           tie_word_embeddings=False, attn_implementation="sdpa")
+    n, seq = args.experts, args.seq
+    ids = torch.randint(0, config.vocab_size, (n, seq), device=device)
+    mask = torch.ones_like(ids)
+
+    # the floor: one plain bf16 model of the same geometry
+    reset_peak(device)
+    with torch.device(device):
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+    def floor():
+        for row in range(n):
+            plain(input_ids=ids[row : row + 1], attention_mask=mask[row : row + 1]).logits.float().sum().backward()
+        if args.teacher == "online":
+            with torch.no_grad():
+                for row in range(n):
+                    plain(input_ids=ids[row : row + 1], attention_mask=mask[row : row + 1])
+        plain.zero_grad(set_to_none=True)
+
+    floor_times = timed(floor, device, args.warmup, args.repeats)
+    floor_peak = peak(device)
+    base = {name: p.detach().clone() for name, p in plain.named_parameters()}
+    del plain
+
+    # DAM: N experts = base + perturbations, stacked once; fp32 coefficients; the trainer's step
+    reset_peak(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    stacks = {}
+    for name, weight in base.items():
+        stack = weight.unsqueeze(0).repeat(n, *([1] * weight.ndim))
+        stack.add_(torch.randn(stack.shape, generator=generator, device=device, dtype=dtype) * 1e-3)
+        stacks[name] = stack
+    del base
+    view = MergedModel(build_skeleton(config, device), stacks)
+    raw = {name: torch.nn.Parameter(torch.full((n, s.shape[-1]), 1.0 / n, device=device)) for name, s in stacks.items()}
+    optimizer = torch.optim.AdamW(list(raw.values()), lr=1e-3)
+    settings = DamSettings(batch_size=1, teacher=args.teacher, topk=128)
+    experts = list(range(n))
+    topk = None
+    if args.teacher == "topk":
+        with torch.no_grad():
+            topk = {}
+            for index in experts:
+                logits = view.logits(view.expert_weights(index), ids[index : index + 1], mask[index : index + 1]).float()
+                topk[index] = torch.log_softmax(logits / settings.temperature, -1).topk(settings.topk, dim=-1)
+                topk[index] = (topk[index].values, topk[index].indices)
+
+    def dam_step():
+        loss, _ = micro_batch_loss(view, dict(raw), list(raw), experts, ids, mask, settings, topk)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    dam_times = timed(dam_step, device, args.warmup, args.repeats)
+    dam_peak = peak(device)
+
+    result = {
+        "geometry": args.geometry, "experts": n, "seq": seq, "teacher": args.teacher, "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "floor_s": {"median": statistics.median(floor_times), "min": min(floor_times), "max": max(floor_times)},
+        "dam_s": {"median": statistics.median(dam_times), "min": min(dam_times), "max": max(dam_times)},
+        "ratio": statistics.median(dam_times) / statistics.median(floor_times),
+        "floor_peak_GiB": floor_peak / 2**30, "dam_peak_GiB": dam_peak / 2**30,
+    }
+    print(f"{args.geometry} x{n}, seq {seq}, {args.teacher} teachers on {result['gpu'] or device}")
+    print(f"  floor  median {result['floor_s']['median']:.4f} s  (min {result['floor_s']['min']:.4f}, max {result['floor_s']['max']:.4f})  peak {result['floor_peak_GiB']:.2f} GiB")
+    print(f"  DAM    median {result['dam_s']['median']:.4f} s  (min {result['dam_s']['min']:.4f}, max {result['dam_s']['max']:.4f})  peak {result['dam_peak_GiB']:.2f} GiB")
+    print(f"  ratio  {result['ratio']:.2f}x the floor")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
