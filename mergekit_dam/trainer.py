@@ -227,7 +227,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     for index in experts:
         row = job.rows[index]
         sequences = tokenize(job.data[row], job.tokenizer, row, samples=settings.samples, max_length=settings.max_length, seed=settings.seed)
-        keep = min(HELD_OUT_MAX, len(sequences) // 10) if len(sequences) >= 2 else 0
+        keep = max(1, min(HELD_OUT_MAX, len(sequences) // 10)) if len(sequences) >= 2 else 0
         train_sets[index] = sequences[: len(sequences) - keep] if keep else sequences
         held_out[index] = sequences[len(sequences) - keep :] if keep else sequences
         if not keep:
