@@ -21,6 +21,9 @@ from typing import Dict, List, Optional
 
 import torch
 
+from mergekit_dam.data import collate
+from mergekit_dam.objective import kl_divergence
+
 
 @dataclass
 class Suite:
@@ -59,20 +62,17 @@ class Scorer:
         return self.tokenizer(text)["input_ids"]
 
     def _batch(self, sequences: List[List[int]], left: bool = False):
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), self.pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, sequence in enumerate(sequences):
-            span = slice(width - len(sequence), width) if left else slice(0, len(sequence))
-            ids[row, span] = torch.tensor(sequence)
-            mask[row, span] = 1
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        ids, mask = collate(sequences, self.pad, left=left)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding must not shift positions
         return ids.to(self.device), mask.to(self.device), positions.to(self.device)
 
     @torch.no_grad()
+    def _logits(self, ids, mask, positions) -> torch.Tensor:
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
+
     def logits(self, sequences: List[List[int]]) -> tuple:
         ids, mask, positions = self._batch(sequences)
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float(), mask
+        return self._logits(ids, mask, positions), mask
 
     @torch.no_grad()
     def nll(self, records: List[dict], chunk: int = 8) -> float:
@@ -89,8 +89,8 @@ class Scorer:
                 else:
                     sequences.append(self.encode(record["text"]))
                     starts.append(1)
-            logits, mask = self.logits(sequences)
-            ids = self._batch(sequences)[0]
+            ids, mask, positions = self._batch(sequences)
+            logits = self._logits(ids, mask, positions)
             token_log_probs = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
             positions = torch.arange(ids.shape[1] - 1, device=ids.device)[None] + 1
             scored = (positions >= torch.tensor(starts, device=ids.device)[:, None]) & (mask[:, 1:] == 1)
@@ -104,8 +104,8 @@ class Scorer:
         generated = [[] for _ in prompts]
         done = [False] * len(prompts)
         for _ in range(max_new_tokens):
-            ids, mask, positions = self._batch([s + g for s, g in zip(sequences, generated)], left=True)
-            next_tokens = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].argmax(-1).tolist()
+            batch = self._batch([s + g for s, g in zip(sequences, generated)], left=True)
+            next_tokens = self._logits(*batch)[:, -1].argmax(-1).tolist()
             for row, token in enumerate(next_tokens):
                 if not done[row]:
                     if token == self.tokenizer.eos_token_id:
@@ -136,10 +136,9 @@ def kl_to(expert: Scorer, model: Scorer, texts: List[str], chunk: int = 8) -> fl
         sequences = [expert.encode(t) for t in texts[begin : begin + chunk]]
         teacher, mask = expert.logits(sequences)
         student, _ = model.logits(sequences)
-        log_t, log_s = torch.log_softmax(teacher, -1), torch.log_softmax(student, -1)
-        per_token = (log_t.exp() * (log_t - log_s)).sum(-1)
-        total += float((per_token * mask).sum())
-        count += int(mask.sum())
+        tokens = int(mask.sum())
+        total += float(kl_divergence(student, teacher, mask, temperature=1.0)) * tokens  # masked mean -> sum
+        count += tokens
     return total / max(count, 1)
 
 

@@ -99,12 +99,14 @@ def tokenize(
     return sequences
 
 
-def collate(sequences: Sequence[Sequence[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input ids and the attention mask (1 = real token)."""
+def collate(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Padded input ids and the attention mask (1 = real token); right-padded, or
+    left-padded for generation."""
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        mask[row, : len(sequence)] = 1
+        span = slice(width - len(sequence), width) if left else slice(0, len(sequence))
+        input_ids[row, span] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, span] = 1
     return input_ids, mask
