@@ -122,7 +122,7 @@ def main():
                 topk[index] = (topk[index].values, topk[index].indices)
 
     def dam_step():
-        loss, _ = micro_batch_loss(view, dict(raw), list(raw), experts, ids, mask, settings, topk)
+        loss, _ = micro_batch_loss(view, dict(raw), experts, ids, mask, settings, topk)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -207,8 +207,9 @@ def _load_stacks(job: TrainingJob, device: torch.device, dtype: torch.dtype) -> 
     return stacks
 
 
-def _tables(raw, fixed, forward) -> Dict[str, torch.Tensor]:
-    return {**{name: forward(p) for name, p in raw.items()}, **fixed}
+def _tables(raw, forward) -> Dict[str, torch.Tensor]:
+    """Effective coefficients of the trainable tensors."""
+    return {name: forward(p) for name, p in raw.items()}
 
 
 def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
@@ -248,6 +249,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
             raw[spec.name] = torch.nn.Parameter(torch.full((n, width), start_value, device=device))
         else:
             fixed[spec.name] = torch.full((n, width), 1.0 / n, device=device)
+    view.freeze(fixed)
     trainable = sum(p.numel() for p in raw.values())
 
     steps_per_epoch = math.ceil(max(len(s) for s in train_sets.values()) / settings.batch_size / settings.grad_accum)
@@ -276,7 +278,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     def held_out_kl() -> Dict[str, float]:
         result = {}
         with torch.no_grad():
-            merged = view.merged_weights(_tables(raw, fixed, forward))
+            merged = view.merged_weights(_tables(raw, forward))
             for index in experts:
                 total, count = 0.0, 0
                 sequences = held_out[index]
@@ -317,7 +319,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
             topk = None
             if topk_cache is not None:
                 topk = {i: _gather_topk(topk_cache[i], picks[i], ids.shape[1], device) for i in experts}
-            loss, kls = micro_batch_loss(view, _tables(raw, fixed, forward), list(raw), experts, ids, mask, settings, topk)
+            loss, kls = micro_batch_loss(view, _tables(raw, forward), experts, ids, mask, settings, topk)
             for index, kl in zip(experts, kls):
                 step_kl[job.rows[index]] += kl.item() / settings.grad_accum
             value = loss.item()
@@ -347,7 +349,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
             save_checkpoint(checkpoint, key, step + 1, raw, optimizer, history)
     progress.close()
 
-    coefficients = {name: table.detach().float().cpu() for name, table in _tables(raw, fixed, forward).items()}
+    coefficients = {name: table.detach().float().cpu() for name, table in {**_tables(raw, forward), **fixed}.items()}
     kl_end = held_out_kl()
     seconds = time.perf_counter() - started
     report = {
@@ -369,12 +371,13 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     return TrainingResult(coefficients, report)
 
 
-def micro_batch_loss(view: MergedModel, tables, trainable: Sequence[str], experts: Sequence[int], ids, mask, settings, topk=None):
+def micro_batch_loss(view: MergedModel, tables, experts: Sequence[int], ids, mask, settings, topk=None):
     """The loss of one micro-batch (rows: `batch_size` sequences of each expert with data,
     in `experts` order) and each expert's KL: one merged forward for all rows, each
-    expert's teacher from its own weights (or its cached top-K)."""
+    expert's teacher from its own weights (or its cached top-K). `tables`: the effective
+    coefficients of the trainable tensors (the rest are frozen in the view)."""
     student = view.logits(view.merged_weights(tables), ids, mask)
-    loss = objective.regularisers([tables[name] for name in trainable], settings)
+    loss = objective.regularisers(tables.values(), settings)
     kls = []
     for slot, index in enumerate(experts):
         rows = slice(slot * settings.batch_size, (slot + 1) * settings.batch_size)

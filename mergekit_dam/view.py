@@ -101,6 +101,7 @@ class MergedModel:
                 "checkpoints whose tensor names are the transformers model's own"
             )
         self.kinds = tensor_kinds(skeleton)
+        self.frozen: Dict[str, torch.Tensor] = {}  # merged once: tensors whose coefficients do not train
 
     def logits(self, weights: Mapping[str, torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         output = functional_call(
@@ -112,11 +113,17 @@ class MergedModel:
     def expert_weights(self, index: int) -> Dict[str, torch.Tensor]:
         return {name: stack[index] for name, stack in self.stacks.items()}
 
+    def freeze(self, coefficients: Mapping[str, torch.Tensor]) -> None:
+        """Merge these tensors once with fixed coefficients; later forwards reuse them."""
+        self.frozen = {name: merge_columns(table, self.stacks[name]) for name, table in coefficients.items()}
+
     def merged_weights(self, coefficients: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Differentiable merged weights; `coefficients` maps every tensor to its
-        effective [N, D] coefficients (trainable or fixed)."""
-        weights = {}
+        """Merged weights, differentiable in `coefficients` (effective [N, D] tables for
+        every tensor that is not frozen)."""
+        weights = dict(self.frozen)
         for name, stack in self.stacks.items():
+            if name in self.frozen:
+                continue
             table = coefficients[name]
             if table.requires_grad:
                 weights[name] = ColumnMerge.apply(table, stack)
