@@ -92,3 +92,10 @@ def small_lab(root, **changes) -> dict:
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory):
     return small_lab(tmp_path_factory.mktemp("lab"))
+
+
+def lab_dam_config(lab, artifact, data=True, **parameters) -> dict:
+    """A dam config over a small lab: every expert with its calibration data (or none)."""
+    models = [{"model": m, **({"parameters": {"dataset": d}} if data else {})} for m, d in zip(lab["experts"], lab["data"])]
+    return {"merge_method": "dam", "base_model": lab["base"], "models": models, "dtype": "float32",
+            "parameters": {"coefficients": str(artifact), **parameters}}

@@ -16,15 +16,13 @@ from mergekit_dam.artifact import write_artifact
 from mergekit_dam.config import DamError
 from mergekit_dam.tiny import make_config, make_tokenizer, save_model
 
-from conftest import read_checkpoint, small_lab
+from conftest import lab_dam_config, read_checkpoint, small_lab
 
 FAST = {"steps": 4, "max_length": 24, "batch_size": 2, "samples": 16}
 
 
 def config_for(lab, tmp, data=True, **parameters):
-    models = [{"model": m, **({"parameters": {"dataset": d}} if data else {})} for m, d in zip(lab["experts"], lab["data"])]
-    return {"merge_method": "dam", "base_model": lab["base"], "models": models, "dtype": "float32",
-            "parameters": {"coefficients": str(tmp / "c.safetensors"), **FAST, **parameters}}
+    return lab_dam_config(lab, tmp / "c.safetensors", data, **{**FAST, **parameters})
 
 
 def copy_model(source, target):

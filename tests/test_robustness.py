@@ -14,17 +14,13 @@ from safetensors.torch import load_file, save_file
 from mergekit_dam.api import train
 from mergekit_dam.artifact import Artifact
 
-from conftest import BIN, write_config
+from conftest import BIN, lab_dam_config, write_config
 
 FAST = {"max_length": 24, "batch_size": 2, "samples": 16, "seed": 0}
 
 
 def lab_config(lab, artifact, **parameters):
-    return {
-        "merge_method": "dam", "base_model": lab["base"], "dtype": "float32",
-        "models": [{"model": m, "parameters": {"dataset": d}} for m, d in zip(lab["experts"], lab["data"])],
-        "parameters": {"coefficients": str(artifact), **FAST, **parameters},
-    }
+    return lab_dam_config(lab, artifact, **{**FAST, **parameters})
 
 
 def environment(tmp_path):

@@ -19,7 +19,7 @@ from mergekit_dam.config import DamError
 from mergekit_dam.lab import SKILLS
 from mergekit_dam.tiny import make_tokenizer
 
-from conftest import expected_merge, read_checkpoint, small_lab, write_config
+from conftest import expected_merge, lab_dam_config, read_checkpoint, small_lab, write_config
 
 FAST = {"steps": 12, "lr": 0.02, "max_length": 24, "batch_size": 4, "samples": 40}
 
@@ -28,16 +28,7 @@ N = len(SKILLS)
 
 
 def lab_config(lab, artifact, data=True, **parameters):
-    models = []
-    for expert, dataset in zip(lab["experts"], lab["data"]):
-        models.append({"model": expert, **({"parameters": {"dataset": dataset}} if data else {})})
-    return {
-        "merge_method": "dam",
-        "base_model": lab["base"],
-        "models": models,
-        "dtype": "float32",
-        "parameters": {"coefficients": str(artifact), **FAST, **parameters},
-    }
+    return lab_dam_config(lab, artifact, data, **{**FAST, **parameters})
 
 
 def merge(config, out):
