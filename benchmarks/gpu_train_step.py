@@ -65,6 +65,7 @@ def main():
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--teacher", choices=("online", "topk"), default="online")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--no-recompute", dest="recompute", action="store_false", help="keep merged weights and activations for backward")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json")
@@ -107,9 +108,8 @@ def main():
         stack.add_(torch.randn(stack.shape, generator=generator, device=device, dtype=dtype) * 1e-3)
         stacks[name] = stack
     del base
-    view = MergedModel(build_skeleton(config, device), stacks)
-    raw = {name: torch.nn.Parameter(torch.full((n, s.shape[-1]), 1.0 / n, device=device)) for name, s in stacks.items()}
-    optimizer = torch.optim.AdamW(list(raw.values()), lr=1e-3)
+    view = MergedModel(build_skeleton(config, device), stacks, recompute=args.recompute)
+    optimizer = torch.optim.AdamW(list(view.raw_parameters().values()), lr=1e-3)
     settings = DamSettings(batch_size=1, teacher=args.teacher, topk=128)
     experts = list(range(n))
     topk = None
@@ -117,12 +117,12 @@ def main():
         with torch.no_grad():
             topk = {}
             for index in experts:
-                logits = view.logits(view.expert_weights(index), ids[index : index + 1], mask[index : index + 1]).float()
+                logits = view.expert_logits(index, ids[index : index + 1], mask[index : index + 1]).float()
                 topk[index] = torch.log_softmax(logits / settings.temperature, -1).topk(settings.topk, dim=-1)
                 topk[index] = (topk[index].values, topk[index].indices)
 
     def dam_step():
-        loss, _ = micro_batch_loss(view, dict(raw), experts, ids, mask, settings, topk)
+        loss, _ = micro_batch_loss(view, experts, ids, mask, settings, topk)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -131,7 +131,7 @@ def main():
     dam_peak = peak(device)
 
     result = {
-        "geometry": args.geometry, "experts": n, "seq": seq, "teacher": args.teacher, "device": str(device),
+        "geometry": args.geometry, "experts": n, "recompute": args.recompute, "seq": seq, "teacher": args.teacher, "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "floor_s": {"median": statistics.median(floor_times), "min": min(floor_times), "max": max(floor_times)},
         "dam_s": {"median": statistics.median(dam_times), "min": min(dam_times), "max": max(dam_times)},

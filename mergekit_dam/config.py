@@ -69,6 +69,7 @@ class DamSettings(BaseModel):
     train_device: str = "auto"
     train_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     checkpoint_every: int = Field(0, ge=0)
+    recompute: bool = True  # rebuild each layer's merged weights and activations in backward
 
     @model_validator(mode="after")
     def _compatible(self):

@@ -31,7 +31,7 @@ from mergekit_dam.inventory import Inventory, plan_inventory
 LOG = logging.getLogger("mergekit_dam")
 
 # Settings that choose where or how fast training runs, not what it learns.
-NOT_IN_KEY = ("coefficients", "retrain", "train_device", "train_dtype", "checkpoint_every")
+NOT_IN_KEY = ("coefficients", "retrain", "train_device", "train_dtype", "checkpoint_every", "recompute")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from mergekit_dam import objective
 from mergekit_dam.config import DamError, DamSettings, ModelSettings
 from mergekit_dam.data import collate, tokenize
 from mergekit_dam.inventory import TensorSpec
-from mergekit_dam.view import MergedModel, build_skeleton, stack_experts
+from mergekit_dam.view import NONLINEARITIES, MergedModel, build_skeleton, stack_experts, tensor_kinds
 
 LOG = logging.getLogger("mergekit_dam")
 HELD_OUT_MAX = 32  # sequences per expert kept aside for the report's held-out KL
@@ -73,14 +73,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
-
-
-NONLINEARITIES = {
-    "none": (lambda x: x, lambda y: y),
-    "tanh": (torch.tanh, torch.atanh),
-    "sigmoid": (torch.sigmoid, torch.logit),
-    "relu": (torch.relu, lambda y: y),
-}
 
 
 def trains(kind: str, settings: DamSettings) -> bool:
@@ -160,12 +152,19 @@ def estimate(job: TrainingJob, dtype: torch.dtype, sequences: int, length: int, 
     hidden = getattr(job.out_config, "hidden_size", 0)
     layers = getattr(job.out_config, "num_hidden_layers", 0)
     tokens = sequences * length
+    per_layer = tokens * hidden * element * 16  # one layer's saved activations
+    if job.settings.recompute:  # one layer's merged weights; layer inputs kept, one layer's activations rebuilt
+        largest_layer = params - sum(math.prod(s.shape) for s in job.tensors if ".layers." not in s.name)
+        merged = max(params - largest_layer, largest_layer // max(1, layers))
+        activations = tokens * hidden * layers * element + per_layer
+    else:
+        merged, activations = params, per_layer * layers
     memory = {
         "expert_weights": len(job.rows) * params * element,
-        "merged_weights": params * element,
+        "merged_weights": merged * element,
         "coefficients_and_adam": trainable * 4 * 4,
         "logits": tokens * vocab * 4 * 4,  # student + teacher fp32, softmax temporaries
-        "activations": tokens * hidden * layers * element * 16,
+        "activations": activations,
     }
     flops = 2 * params * tokens * 3 + 2 * params * tokens  # merged fwd+bwd, teachers fwd
     return {"memory_bytes": memory, "peak_bytes": sum(memory.values()), "flops_per_step": flops}
@@ -207,11 +206,6 @@ def _load_stacks(job: TrainingJob, device: torch.device, dtype: torch.dtype) -> 
     return stacks
 
 
-def _tables(raw, forward) -> Dict[str, torch.Tensor]:
-    """Effective coefficients of the trainable tensors."""
-    return {name: forward(p) for name, p in raw.items()}
-
-
 def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     settings = job.settings
     device = resolve_device(settings.train_device)
@@ -235,21 +229,11 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
             LOG.warning("dam: %s has a single example; its held-out KL is measured on training data", row)
 
     # model view and coefficients
-    skeleton = build_skeleton(job.out_config, device, job.trust_remote_code)
-    view = MergedModel(skeleton, _load_stacks(job, device, dtype))
     n = len(job.rows)
-    forward, inverse = NONLINEARITIES[settings.nonlinearity]
-    start_value = float(inverse(torch.tensor(1.0 / n)))
-    if not math.isfinite(start_value):
+    if not math.isfinite(float(NONLINEARITIES[settings.nonlinearity][1](torch.tensor(1.0 / n)))):
         raise DamError(f"dam: nonlinearity `{settings.nonlinearity}` cannot represent the initial coefficient 1/{n}")
-    raw, fixed = {}, {}
-    for spec in job.tensors:
-        width = spec.shape[-1]
-        if trains(view.kinds[spec.name], settings):
-            raw[spec.name] = torch.nn.Parameter(torch.full((n, width), start_value, device=device))
-        else:
-            fixed[spec.name] = torch.full((n, width), 1.0 / n, device=device)
-    view.freeze(fixed)
+    view = build_view(job, device, dtype)
+    raw = view.raw_parameters()
     trainable = sum(p.numel() for p in raw.values())
 
     steps_per_epoch = math.ceil(max(len(s) for s in train_sets.values()) / settings.batch_size / settings.grad_accum)
@@ -278,14 +262,13 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     def held_out_kl() -> Dict[str, float]:
         result = {}
         with torch.no_grad():
-            merged = view.merged_weights(_tables(raw, forward))
             for index in experts:
                 total, count = 0.0, 0
                 sequences = held_out[index]
                 for begin in range(0, len(sequences), settings.batch_size):
                     ids, mask = (t.to(device) for t in collate(sequences[begin : begin + settings.batch_size], pad_id))
-                    teacher = view.logits(view.expert_weights(index), ids, mask)
-                    student = view.logits(merged, ids, mask)
+                    teacher = view.expert_logits(index, ids, mask)
+                    student, _ = view.merged_logits(ids, mask)
                     total += objective.kl_divergence(student, teacher, mask, settings.temperature).item() * len(ids)
                     count += len(ids)
                 result[job.rows[index]] = total / count
@@ -319,7 +302,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
             topk = None
             if topk_cache is not None:
                 topk = {i: _gather_topk(topk_cache[i], picks[i], ids.shape[1], device) for i in experts}
-            loss, kls = micro_batch_loss(view, _tables(raw, forward), experts, ids, mask, settings, topk)
+            loss, kls = micro_batch_loss(view, experts, ids, mask, settings, topk)
             for index, kl in zip(experts, kls):
                 step_kl[job.rows[index]] += kl.item() / settings.grad_accum
             value = loss.item()
@@ -349,7 +332,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
             save_checkpoint(checkpoint, key, step + 1, raw, optimizer, history)
     progress.close()
 
-    coefficients = {name: table.detach().float().cpu() for name, table in {**_tables(raw, forward), **fixed}.items()}
+    coefficients = view.tables()
     kl_end = held_out_kl()
     seconds = time.perf_counter() - started
     report = {
@@ -371,12 +354,18 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     return TrainingResult(coefficients, report)
 
 
-def micro_batch_loss(view: MergedModel, tables, experts: Sequence[int], ids, mask, settings, topk=None):
+def build_view(job: TrainingJob, device: torch.device, dtype: torch.dtype) -> MergedModel:
+    skeleton = build_skeleton(job.out_config, device, job.trust_remote_code)
+    kinds = tensor_kinds(skeleton)
+    trained = {spec.name for spec in job.tensors if spec.name in kinds and trains(kinds[spec.name], job.settings)}
+    return MergedModel(skeleton, _load_stacks(job, device, dtype), trained, job.settings.nonlinearity, job.settings.recompute)
+
+
+def micro_batch_loss(view: MergedModel, experts: Sequence[int], ids, mask, settings, topk=None):
     """The loss of one micro-batch (rows: `batch_size` sequences of each expert with data,
     in `experts` order) and each expert's KL: one merged forward for all rows, each
-    expert's teacher from its own weights (or its cached top-K). `tables`: the effective
-    coefficients of the trainable tensors (the rest are frozen in the view)."""
-    student = view.logits(view.merged_weights(tables), ids, mask)
+    expert's teacher from its own weights (or its cached top-K)."""
+    student, tables = view.merged_logits(ids, mask)
     loss = objective.regularisers(tables.values(), settings)
     kls = []
     for slot, index in enumerate(experts):
@@ -385,7 +374,7 @@ def micro_batch_loss(view: MergedModel, tables, experts: Sequence[int], ids, mas
             expert_loss, kl = objective.expert_loss(student[rows], mask[rows], settings, topk=topk[index])
         else:
             with torch.no_grad():
-                teacher = view.logits(view.expert_weights(index), ids[rows], mask[rows])
+                teacher = view.expert_logits(index, ids[rows], mask[rows])
             expert_loss, kl = objective.expert_loss(student[rows], mask[rows], settings, teacher=teacher)
         loss = loss + expert_loss
         kls.append(kl)
@@ -415,7 +404,7 @@ def _topk_cache(view: MergedModel, experts, train_sets, settings, pad_id, device
             cache[index] = []
             for sequence in train_sets[index]:
                 ids, mask = (t.to(device) for t in collate([sequence], pad_id))
-                logits = view.logits(view.expert_weights(index), ids, mask)[0].float()
+                logits = view.expert_logits(index, ids, mask)[0].float()
                 log_probs = torch.log_softmax(logits / settings.temperature, dim=-1)
                 values, indices = log_probs.topk(min(settings.topk, log_probs.shape[-1]), dim=-1)
                 cache[index].append((values.cpu(), indices.cpu()))

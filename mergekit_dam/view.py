@@ -1,25 +1,37 @@
 """The merged-model view: the stock Hugging Face model, built once, computing with
-merged weights W = sum_i c_i[None, :] * W_i (or with one expert's own weights).
+merged weights W = sum_i f(c_i)[None, :] * W_i (or with one expert's own weights).
 
-No per-architecture code and no module surgery: the skeleton is instantiated from the
+No per-architecture code and no modelling files: the skeleton is instantiated from the
 output config with parameters on the meta device (buffers such as rotary frequencies
-stay real), and every forward substitutes weights with torch.func.functional_call.
-Expert weights are stacked once per tensor, [N, *shape], frozen.
+stay real), and weights are substituted with torch.func.functional_call. The tensors
+are split into groups, the units that are merged together (and that FSDP shards):
+the input embedding, each decoder layer, and the head (final norm, lm_head). Each
+decoder layer of the skeleton is wrapped in a `MergedBlock` that builds its group's
+merged weights only when the layer runs, so one layer's merged copy exists at a time;
+with `recompute` the block is also activation-checkpointed, so backward rebuilds the
+layer's weights instead of keeping them.
 
-Memory: `ColumnMerge` builds a merged weight without keeping anything but the
-coefficients for backward (the expert stack is persistent anyway); its backward
-reduces dL/dW into dL/dc_i = sum over rows of dL/dW * W_i. The N expert sequences go
-through one merged forward, so one merged copy of the model exists at a time, never N.
+`ColumnMerge` builds a merged weight without keeping anything but the coefficients for
+backward (the expert stack is persistent anyway); its backward reduces dL/dW into
+dL/dc_i = sum over rows of dL/dW * W_i.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Mapping
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set
 
 import torch
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from mergekit_dam.config import DamError
+
+NONLINEARITIES = {  # f and its inverse (for the initial value f(raw) = 1/N)
+    "none": (lambda x: x.clone(), lambda y: y),  # clone: FSDP frees the gathered parameter after forward
+    "tanh": (torch.tanh, torch.atanh),
+    "sigmoid": (torch.sigmoid, torch.logit),
+    "relu": (torch.relu, lambda y: y),
+}
 
 
 def merge_columns(coefficients: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -81,14 +93,114 @@ def build_skeleton(config, device: torch.device, trust_remote_code: bool = False
     return skeleton
 
 
-class MergedModel:
-    """Forward passes of the merged model and of each expert through one skeleton."""
+def decoder_layers(skeleton: torch.nn.Module) -> tuple:
+    """(prefix, ModuleList) of the decoder layers: the ModuleList with num_hidden_layers entries."""
+    count = getattr(skeleton.config, "num_hidden_layers", None)
+    for name, module in skeleton.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return name, module
+    raise DamError(f"dam: cannot find the {count} decoder layers of {type(skeleton).__name__}; DAM needs a decoder-only model")
 
-    def __init__(self, skeleton: torch.nn.Module, stacks: Mapping[str, torch.Tensor]):
+
+class Coefficients(torch.nn.Module):
+    """One group's coefficient tables: raw float32 [N, D] parameters for the tensors that
+    train (effective value f(raw), initially 1/N), fixed 1/N tables for the rest."""
+
+    def __init__(self, widths: Sequence[int], trained: Sequence[bool], n: int, nonlinearity: str, device):
+        super().__init__()
+        self.function, inverse = NONLINEARITIES[nonlinearity]
+        start = float(inverse(torch.tensor(1.0 / n)))
+        self.trained = list(trained)
+        self.raw = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.full((n, width), start, device=device)) for width, t in zip(widths, trained) if t]
+        )
+        for slot, (width, t) in enumerate(zip(widths, trained)):
+            if not t:
+                self.register_buffer(f"fixed{slot}", torch.full((n, width), 1.0 / n, device=device))
+
+    def forward(self) -> List[torch.Tensor]:
+        raw = iter(self.raw)
+        return [self.function(next(raw)) if t else getattr(self, f"fixed{slot}") for slot, t in enumerate(self.trained)]
+
+
+class TensorGroup(torch.nn.Module):
+    """The expert stacks [N, *shape] (frozen parameters) of one group's tensors and their
+    coefficients: the unit merged together, gathered together, and sharded by FSDP."""
+
+    def __init__(self, names: Sequence[str], full_names: Sequence[str], stacks: Sequence[torch.Tensor], coefficients: Coefficients):
+        super().__init__()
+        self.names = list(names)  # as the module that runs them sees them
+        self.full_names = list(full_names)  # in the checkpoint and the artifact
+        self.stacks = torch.nn.ParameterList([torch.nn.Parameter(s, requires_grad=False) for s in stacks])
+        self.coefficients = coefficients
+        self.copy_experts = False  # FSDP: an expert's slice must outlive the gathered stack
+
+    def forward(self, selection: Optional[int]) -> tuple:
+        """(weights by name, effective tables of the trained tensors by full name): merged
+        weights for selection None, expert `selection`'s own weights otherwise."""
+        if selection is not None:
+            return {n: s[selection].clone() if self.copy_experts else s[selection] for n, s in zip(self.names, self.stacks)}, {}
+        weights, tables = {}, {}
+        for name, full_name, stack, table in zip(self.names, self.full_names, self.stacks, self.coefficients()):
+            if table.requires_grad:
+                weights[name], tables[full_name] = ColumnMerge.apply(table, stack), table
+            else:
+                weights[name] = merge_columns(table, stack)
+        return weights, tables
+
+
+class MergedBlock(torch.nn.Module):
+    """Decoder layer `index` of the skeleton, computing with its group's weights."""
+
+    def __init__(self, layer: torch.nn.Module, index: int, view: "MergedModel"):
+        super().__init__()
+        self.layer = layer
+        self.index = index
+        self.view = view  # not a Module: a plain attribute
+
+    def __getattr__(self, name):  # attributes the model's forward reads (e.g. attention_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.view.intercept is not None:
+            return self.view.intercept(self, hidden_states, args, kwargs)
+        output, tables = self.run(self.view.selection, hidden_states, *args, **kwargs)
+        self.view.collected.update(tables)
+        return output
+
+    def run(self, selection: Optional[int], hidden_states, *args, **kwargs) -> tuple:
+        """(layer output, trained tables) with merged (None) or expert `selection` weights."""
+        group = self.view.groups[f"layer.{self.index}"]
+
+        def compute(hidden_states, *args, **kwargs):
+            weights, tables = group(selection)
+            return functional_call(self.layer, weights, (hidden_states, *args), kwargs), tables
+
+        if self.view.recompute and selection is None and torch.is_grad_enabled():
+            return checkpoint(compute, hidden_states, *args, use_reentrant=False, **kwargs)
+        return compute(hidden_states, *args, **kwargs)
+
+
+class MergedModel:
+    """Forward passes of the merged model and of each expert through one skeleton.
+
+    stacks: expert stack [N, *shape] per tensor name; trained: the names whose
+    coefficients train (the rest keep 1/N)."""
+
+    def __init__(
+        self,
+        skeleton: torch.nn.Module,
+        stacks: Mapping[str, torch.Tensor],
+        trained: Optional[Set[str]] = None,
+        nonlinearity: str = "none",
+        recompute: bool = False,
+    ):
         self.skeleton = skeleton
-        self.stacks = dict(stacks)
         expected = {name for name, _ in skeleton.named_parameters()}
-        missing, extra = expected - set(self.stacks), set(self.stacks) - expected
+        missing, extra = expected - set(stacks), set(stacks) - expected
         if (missing, extra) == (set(), {"lm_head.weight"}) and getattr(skeleton.config, "tie_word_embeddings", False):
             raise DamError(
                 "dam: the inputs mix tied and untied embeddings: the base/first model ties lm_head to the embedding "
@@ -101,42 +213,101 @@ class MergedModel:
                 "checkpoints whose tensor names are the transformers model's own"
             )
         self.kinds = tensor_kinds(skeleton)
-        self.frozen: Dict[str, torch.Tensor] = {}  # merged once: tensors whose coefficients do not train
+        trained = set(stacks) if trained is None else set(trained)
+        self.recompute = recompute
+        self.selection: Optional[int] = None
+        self.intercept: Optional[Callable] = None  # see layerwise.py
+        self.collected: Dict[str, torch.Tensor] = {}
 
-    def logits(self, weights: Mapping[str, torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        output = functional_call(
-            self.skeleton, dict(weights), args=(),
-            kwargs=dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False),
-        )
-        return output.logits
-
-    def expert_weights(self, index: int) -> Dict[str, torch.Tensor]:
-        return {name: stack[index] for name, stack in self.stacks.items()}
-
-    def freeze(self, coefficients: Mapping[str, torch.Tensor]) -> None:
-        """Merge these tensors once with fixed coefficients; later forwards reuse them."""
-        self.frozen = {name: merge_columns(table, self.stacks[name]) for name, table in coefficients.items()}
-
-    def merged_weights(self, coefficients: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Merged weights, differentiable in `coefficients` (effective [N, D] tables for
-        every tensor that is not frozen)."""
-        weights = dict(self.frozen)
-        for name, stack in self.stacks.items():
-            if name in self.frozen:
-                continue
-            table = coefficients[name]
-            if table.requires_grad:
-                weights[name] = ColumnMerge.apply(table, stack)
+        prefix, layers = decoder_layers(skeleton)
+        embedding = skeleton.get_input_embeddings()
+        embed_prefix = next(name for name, module in skeleton.named_modules() if module is embedding)
+        members: Dict[str, List[str]] = {"embed": []}
+        members.update({f"layer.{b}": [] for b in range(len(layers))})
+        members["head"] = []
+        self.local_names: Dict[str, str] = {}  # name inside its decoder layer
+        for name in sorted(stacks):
+            if name.startswith(prefix + "."):
+                index, local = name[len(prefix) + 1 :].split(".", 1)
+                members[f"layer.{index}"].append(name)
+                self.local_names[name] = local
+            elif name.startswith(embed_prefix + "."):
+                members["embed"].append(name)
             else:
-                weights[name] = merge_columns(table, stack)
-        return weights
+                members["head"].append(name)
+        n = next(iter(stacks.values())).shape[0]
+        self.groups: Dict[str, TensorGroup] = {}
+        for key, names in members.items():
+            coefficients = Coefficients(
+                [stacks[name].shape[-1] for name in names], [name in trained for name in names], n, nonlinearity,
+                next(iter(stacks.values())).device,
+            )
+            local = [self.local_names.get(name, name) for name in names]
+            self.groups[key] = TensorGroup(local, names, [stacks[name] for name in names], coefficients)
+        for index in range(len(layers)):
+            if not isinstance(layers[index], MergedBlock):
+                layers[index] = MergedBlock(layers[index], index, self)
+        self.blocks: List[MergedBlock] = list(layers)
+
+    # --- forwards -------------------------------------------------------------------
+
+    def outer_weights(self, selection: Optional[int]) -> tuple:
+        weights, tables = {}, {}
+        for key in ("embed", "head"):
+            w, t = self.groups[key](selection)
+            weights.update(w)
+            tables.update(t)
+        return weights, tables
+
+    def forward(self, selection: Optional[int], input_ids, attention_mask, weights=None) -> tuple:
+        """(logits, trained tables by full name) of the merged model (selection None) or
+        expert `selection`. `weights`: outer (embedding, head) weights to use instead."""
+        self.selection, self.collected = selection, {}
+        try:
+            if weights is None:
+                weights, tables = self.outer_weights(selection)
+            else:
+                tables = {}
+            output = functional_call(
+                self.skeleton, weights, args=(),
+                kwargs=dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False),
+            )
+            return output.logits, {**tables, **self.collected}
+        finally:
+            self.selection, self.collected = None, {}
+
+    def merged_logits(self, input_ids, attention_mask) -> tuple:
+        return self.forward(None, input_ids, attention_mask)
+
+    def expert_logits(self, index: int, input_ids, attention_mask) -> torch.Tensor:
+        return self.forward(index, input_ids, attention_mask)[0]
+
+    # --- coefficients ---------------------------------------------------------------
+
+    def raw_parameters(self) -> Dict[str, torch.nn.Parameter]:
+        """The trainable raw coefficients by full tensor name."""
+        result = {}
+        for group in self.groups.values():
+            raw = iter(group.coefficients.raw)
+            for name, t in zip(group.full_names, group.coefficients.trained):
+                if t:
+                    result[name] = next(raw)
+        return result
+
+    def tables(self) -> Dict[str, torch.Tensor]:
+        """Effective coefficients [N, D] of every tensor, detached, float32, on CPU."""
+        result = {}
+        with torch.no_grad():
+            for group in self.groups.values():
+                for name, table in zip(group.full_names, group.coefficients()):
+                    result[name] = table.detach().float().cpu()
+        return result
 
 
-def stack_experts(tensors: Iterable[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def stack_experts(tensors, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """[N, *shape] in `dtype` on `device`, filled one expert at a time (no extra copy)."""
     tensors = list(tensors)
     stack = torch.empty((len(tensors), *tensors[0].shape), dtype=dtype, device=device)
     for index, tensor in enumerate(tensors):
         stack[index].copy_(tensor)
     return stack
-

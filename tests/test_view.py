@@ -28,17 +28,15 @@ def test_merge_columns_keeps_the_stack_dtype_and_accumulates_in_float32():
     torch.testing.assert_close(result, expected.bfloat16())
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: tied embeddings, q/k/v biases
-def test_coefficient_gradients_match_naive_float64(arch, families):
+def test_coefficient_gradients_match_naive_float64(arch, recompute, families):
     _, *experts = families[arch]
     states = [{k: v.double() for k, v in read_checkpoint(m).items()} for m in experts]
     config = AutoConfig.from_pretrained(experts[0])
     generator = torch.Generator().manual_seed(1)
     names = sorted(states[0])
-    coefficients = {
-        n: (torch.rand(3, states[0][n].shape[-1], generator=generator, dtype=torch.float64) + 0.2).requires_grad_()
-        for n in names
-    }
+    values = {n: torch.rand(3, states[0][n].shape[-1], generator=generator, dtype=torch.float64) + 0.2 for n in names}
     input_ids = torch.randint(4, 90, (2, 9), generator=generator)
     mask = torch.ones_like(input_ids)
     mask[1, 6:] = 0
@@ -46,9 +44,17 @@ def test_coefficient_gradients_match_naive_float64(arch, families):
 
     # ours
     skeleton = build_skeleton(config, torch.device("cpu"))
-    view = MergedModel(skeleton, {n: stack_experts([s[n] for s in states], torch.device("cpu"), torch.float64) for n in names})
-    ours = (view.logits(view.merged_weights(coefficients), input_ids, mask) * probe).sum()
-    ours_grads = torch.autograd.grad(ours, [coefficients[n] for n in names])
+    view = MergedModel(skeleton, {n: stack_experts([s[n] for s in states], torch.device("cpu"), torch.float64) for n in names}, recompute=recompute)
+    raw = view.raw_parameters()
+    assert sorted(raw) == names
+    with torch.no_grad():
+        for n in names:
+            raw[n].data = values[n].clone()  # float64 raw: the comparison is exact to float64 rounding
+    logits, tables = view.merged_logits(input_ids, mask)
+    assert sorted(tables) == names
+    ours = (logits * probe).sum()
+    ours_grads = torch.autograd.grad(ours, [raw[n] for n in names])
+    coefficients = {n: values[n].clone().requires_grad_() for n in names}
 
     # naive: explicit merged weights, plain autograd, the model loaded by transformers
     reference = AutoModelForCausalLM.from_pretrained(experts[0], dtype=torch.float64).eval()
@@ -74,4 +80,4 @@ def test_expert_weights_reproduce_the_expert(families):
     input_ids = torch.randint(4, 90, (1, 7))
     mask = torch.ones_like(input_ids)
     reference = AutoModelForCausalLM.from_pretrained(expert).eval()
-    torch.testing.assert_close(view.logits(view.expert_weights(0), input_ids, mask), reference(input_ids=input_ids, attention_mask=mask).logits)
+    torch.testing.assert_close(view.expert_logits(0, input_ids, mask), reference(input_ids=input_ids, attention_mask=mask).logits)
