@@ -55,8 +55,12 @@ def main(argv=None) -> int:
                 transformers_cache=args.transformers_cache,
                 lora_merge_cache=args.lora_merge_cache,
             )
+            from mergekit_dam import distributed
+
             source = train_stage(args.config, options, out=args.out)
-            print(source.artifact_path or "no datasets configured: equal coefficients 1/N, nothing to train")
+            if distributed.is_main():
+                print(source.artifact_path or "no datasets configured: equal coefficients 1/N, nothing to train")
+            distributed.shutdown()
         elif args.command == "lab":
             from mergekit_dam.lab import build
 

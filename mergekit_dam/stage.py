@@ -15,6 +15,7 @@ plugin version) matches is reused instead of retrained.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ import threading
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
+from mergekit_dam import distributed
 from mergekit_dam.artifact import open_artifact, versions, write_artifact
 from mergekit_dam.config import DamError, DamSettings, ModelSettings, check_merge_config, resolve_path
 from mergekit_dam.data import is_local
@@ -179,10 +181,12 @@ def _train(planner, dam, inventory: Inventory, data, path: Optional[str]) -> str
     import filelock
 
     # One lock per artifact path, kept in the cache directory so no stray files land
-    # next to the user's artifact.
+    # next to the user's artifact. A sharded run's processes are one job: rank 0 locks
+    # (the others wait for it in their first collective) and writes.
     lock_path = os.path.join(cache_dir(), "locks", hashlib.sha256(path.encode()).hexdigest()[:32] + ".lock")
     os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-    with filelock.FileLock(lock_path):
+    main = distributed.is_main()
+    with filelock.FileLock(lock_path) if main else contextlib.nullcontext():
         if _TRAINED.get(key) == path and os.path.exists(path):
             LOG.info("dam: coefficients %s were trained earlier in this process (no training)", path)
             return path
@@ -205,6 +209,9 @@ def _train(planner, dam, inventory: Inventory, data, path: Optional[str]) -> str
             quiet=options.quiet,
         )
         result = train(job, key, path)
+        if not main:
+            distributed.barrier()  # rank 0 is writing the artifact
+            return path
         final = result.report["loss_curve"][-1]["loss"] if result.report["loss_curve"] else None
         write_artifact(path, result.coefficients, inventory.row_names, {
             "key": key,
@@ -221,6 +228,7 @@ def _train(planner, dam, inventory: Inventory, data, path: Optional[str]) -> str
         os.replace(report_path + ".tmp", report_path)
         LOG.info("dam: wrote %s and %s", path, report_path)
         _TRAINED[key] = path
+        distributed.barrier()
     return path
 
 

@@ -15,11 +15,11 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from mergekit_dam import objective
+from mergekit_dam import distributed, objective
 from mergekit_dam.config import DamError, DamSettings, ModelSettings
 from mergekit_dam.data import collate, tokenize
 from mergekit_dam.inventory import TensorSpec
@@ -101,16 +101,18 @@ def _checkpoint_path(artifact_path: str) -> str:
 
 
 def save_checkpoint(path: str, key: str, step: int, raw: Dict[str, torch.nn.Parameter], optimizer, history: list) -> None:
+    """Whole tensors (gathered from the ranks when sharded), written by rank 0."""
     from mergekit_dam.artifact import atomic_save
 
-    tensors = {f"raw/{name}": p.detach() for name, p in raw.items()}
+    tensors = {f"raw/{name}": distributed.full(p.detach()) for name, p in raw.items()}
     for name, p in raw.items():
         state = optimizer.state.get(p, {})
         for slot in ("exp_avg", "exp_avg_sq"):
             if slot in state:
-                tensors[f"{slot}/{name}"] = state[slot]
+                tensors[f"{slot}/{name}"] = distributed.full(state[slot])
     adam_steps = {name: float(optimizer.state[p]["step"]) for name, p in raw.items() if p in optimizer.state}
-    atomic_save(path, tensors, {"key": key, "step": str(step), "history": json.dumps(history), "adam_steps": json.dumps(adam_steps)})
+    if distributed.is_main():
+        atomic_save(path, tensors, {"key": key, "step": str(step), "history": json.dumps(history), "adam_steps": json.dumps(adam_steps)})
 
 
 def load_checkpoint(path: str, key: str, raw: Dict[str, torch.nn.Parameter], optimizer):
@@ -131,12 +133,12 @@ def load_checkpoint(path: str, key: str, raw: Dict[str, torch.nn.Parameter], opt
     adam_steps = json.loads(metadata["adam_steps"])
     with torch.no_grad():
         for name, p in raw.items():
-            p.copy_(tensors[f"raw/{name}"])
+            p.copy_(distributed.like(p, tensors[f"raw/{name}"]))
             if f"exp_avg/{name}" in tensors:
                 optimizer.state[p] = {
                     "step": torch.tensor(adam_steps[name]),
-                    "exp_avg": tensors[f"exp_avg/{name}"].to(p.device),
-                    "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device),
+                    "exp_avg": distributed.like(p, tensors[f"exp_avg/{name}"]),
+                    "exp_avg_sq": distributed.like(p, tensors[f"exp_avg_sq/{name}"]),
                 }
     return int(metadata["step"]), json.loads(metadata["history"])
 
@@ -144,8 +146,11 @@ def load_checkpoint(path: str, key: str, raw: Dict[str, torch.nn.Parameter], opt
 # --- the estimate shown before training -----------------------------------------------
 
 
-def estimate(job: TrainingJob, dtype: torch.dtype, sequences: int, length: int, trainable: int) -> dict:
-    """Peak memory (bytes) and work (FLOPs per step) of one training step, from the shapes."""
+def estimate(job: TrainingJob, dtype: torch.dtype, sequences: int, length: int, trainable: int, world: int = 1) -> dict:
+    """Peak memory (bytes, per process) and work (FLOPs per step, all processes) of one
+    training step, from the shapes. Sharded over `world` processes, each keeps 1/world
+    of the experts and coefficients plus one layer's experts gathered, and runs
+    1/world of the micro-batches."""
     params = sum(math.prod(spec.shape) for spec in job.tensors)
     element = torch.finfo(dtype).bits // 8
     vocab = job.out_config.vocab_size
@@ -160,9 +165,9 @@ def estimate(job: TrainingJob, dtype: torch.dtype, sequences: int, length: int, 
     else:
         merged, activations = params, per_layer * layers
     memory = {
-        "expert_weights": len(job.rows) * params * element,
+        "expert_weights": len(job.rows) * params * element // world + (len(job.rows) * merged * element if world > 1 else 0),
         "merged_weights": merged * element,
-        "coefficients_and_adam": trainable * 4 * 4,
+        "coefficients_and_adam": trainable * 4 * 4 // world,
         "logits": tokens * vocab * 4 * 4,  # student + teacher fp32, softmax temporaries
         "activations": activations,
     }
@@ -195,21 +200,39 @@ def peak_memory(device: torch.device) -> int:
 # --- training -------------------------------------------------------------------------
 
 
-def _load_stacks(job: TrainingJob, device: torch.device, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    from mergekit.io.tasks import LoaderCache
+class ExpertStacks(Mapping):
+    """Tensor name -> [N, *shape] expert stack in `dtype` on `device`, read from the
+    input checkpoints when asked for (the view asks once per tensor, group by group)."""
 
-    loaders = [LoaderCache().get(model) for model in job.models]
-    stacks = {}
-    for spec in job.tensors:
-        tensors = (loader.get_tensor(source, device="cpu") for loader, source in zip(loaders, spec.sources))
-        stacks[spec.name] = stack_experts(tensors, device, dtype)
-    return stacks
+    def __init__(self, job: TrainingJob, device: torch.device, dtype: torch.dtype):
+        from mergekit.io.tasks import LoaderCache
+
+        self.loaders = [LoaderCache().get(model) for model in job.models]
+        self.specs = {spec.name: spec for spec in job.tensors}
+        self.device, self.dtype = device, dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        sources = self.specs[name].sources
+        return stack_experts((loader.get_tensor(source, device="cpu") for loader, source in zip(self.loaders, sources)), self.device, self.dtype)
+
+    def __iter__(self):
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
 
 
 def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     settings = job.settings
-    device = resolve_device(settings.train_device)
+    ranks = distributed.setup(settings.train_device)
+    if ranks and settings.grad_accum % ranks.world:
+        raise DamError(
+            f"dam: sharded training splits each step's grad_accum micro-batches across the {ranks.world} processes; "
+            f"set grad_accum to a multiple of {ranks.world} (now {settings.grad_accum})"
+        )
+    device = ranks.device if ranks else resolve_device(settings.train_device)
     dtype = resolve_dtype(settings.train_dtype, device)
+    world = ranks.world if ranks else 1
     torch.manual_seed(settings.seed)
     started = time.perf_counter()
     if device.type == "cuda":
@@ -232,22 +255,22 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     n = len(job.rows)
     if not math.isfinite(float(NONLINEARITIES[settings.nonlinearity][1](torch.tensor(1.0 / n)))):
         raise DamError(f"dam: nonlinearity `{settings.nonlinearity}` cannot represent the initial coefficient 1/{n}")
-    view = build_view(job, device, dtype)
+    view = build_view(job, device, dtype, ranks)
     raw = view.raw_parameters()
     trainable = sum(p.numel() for p in raw.values())
 
     steps_per_epoch = math.ceil(max(len(s) for s in train_sets.values()) / settings.batch_size / settings.grad_accum)
     steps = settings.steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
     length = min(settings.max_length, max(len(s) for seqs in train_sets.values() for s in seqs))
-    plan = estimate(job, dtype, len(experts) * settings.batch_size, length, trainable)
+    plan = estimate(job, dtype, len(experts) * settings.batch_size, length, trainable, world)
     available = available_memory(device)
     LOG.info(
         "dam: training %d coefficients (%d of %d tensors) for inputs %s; experts with data: %s",
         trainable, len(raw), len(job.tensors), job.rows, [job.rows[i] for i in experts],
     )
     LOG.info(
-        "dam: %d steps on %s (%s); estimated peak memory %.2f GiB%s, %.2f TFLOP per step",
-        steps, device, str(dtype).replace("torch.", ""), plan["peak_bytes"] / 2**30,
+        "dam: %d steps on %s%s (%s); estimated peak memory %.2f GiB%s, %.2f TFLOP per step",
+        steps, device, f" x {world} processes (FSDP)" if ranks else "", str(dtype).replace("torch.", ""), plan["peak_bytes"] / 2**30,
         f" of {available / 2**30:.1f} GiB available" if available else "", plan["flops_per_step"] / 1e12,
     )
     if available is not None and plan["peak_bytes"] > available:
@@ -288,13 +311,16 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
 
     from tqdm.auto import tqdm
 
-    progress = tqdm(range(first_step, steps), initial=first_step, total=steps, desc="DAM training", disable=job.quiet)
+    quiet = job.quiet or not distributed.is_main()
+    progress = tqdm(range(first_step, steps), initial=first_step, total=steps, desc="DAM training", disable=quiet)
     tokens_seen, clock = 0, time.perf_counter()
     for step in progress:
-        step_loss, step_kl = 0.0, {job.rows[i]: 0.0 for i in experts}
+        sums = torch.zeros(2 + len(experts), dtype=torch.float64)  # loss, tokens, KL per expert
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * lr_factor(step)
         for micro in range(settings.grad_accum):
+            if micro % world != (ranks.rank if ranks else 0):
+                continue  # another process's micro-batch
             micro_step = step * settings.grad_accum + micro
             picks = {i: batch_indices(len(train_sets[i]), settings.batch_size, micro_step, settings.seed, i) for i in experts}
             sequences = [train_sets[i][k] for i in experts for k in picks[i]]
@@ -303,18 +329,20 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
             if topk_cache is not None:
                 topk = {i: _gather_topk(topk_cache[i], picks[i], ids.shape[1], device) for i in experts}
             loss, kls = micro_batch_loss(view, experts, ids, mask, settings, topk)
-            for index, kl in zip(experts, kls):
-                step_kl[job.rows[index]] += kl.item() / settings.grad_accum
-            value = loss.item()
-            if not math.isfinite(value):
-                raise DamError(
-                    f"dam: the training loss became {value} at step {step + 1}; lower `lr` "
-                    f"(now {settings.lr}) or `temperature`, or check the data"
-                )
-            (loss / settings.grad_accum).backward()
-            step_loss += value / settings.grad_accum
-            tokens_seen += int(mask.sum())
+            sums += torch.stack([loss.detach(), mask.sum(), *[kl.detach() for kl in kls]]).double().cpu()
+            # FSDP averages gradients over the processes; the step's gradient is the sum over micro-batches / grad_accum
+            (loss * world / settings.grad_accum).backward()
             del loss
+        if ranks:
+            sums = ranks.sum(sums.to(device)).cpu()
+        step_loss, tokens = float(sums[0]) / settings.grad_accum, int(sums[1])
+        step_kl = {job.rows[index]: float(value) / settings.grad_accum for index, value in zip(experts, sums[2:])}
+        tokens_seen += tokens
+        if not math.isfinite(step_loss):
+            raise DamError(
+                f"dam: the training loss became {step_loss} at step {step + 1}; lower `lr` "
+                f"(now {settings.lr}) or `temperature`, or check the data"
+            )
         if settings.grad_clip:
             torch.nn.utils.clip_grad_norm_(list(raw.values()), settings.grad_clip)
         optimizer.step()
@@ -338,6 +366,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     report = {
         "steps": steps,
         "device": str(device),
+        "processes": world,
         "dtype": str(dtype).replace("torch.", ""),
         "seconds": seconds,
         "tokens_per_second": tokens_seen / max(time.perf_counter() - clock, 1e-9),
@@ -347,18 +376,21 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
         "held_out_kl": {"step_0_linear_average": kl_start, "final": kl_end},
         "loss_curve": [{"step": h["step"], "loss": h["loss"], "kl": h["kl"]} for h in history],
     }
-    if os.path.exists(checkpoint):
+    if distributed.is_main() and os.path.exists(checkpoint):
         os.unlink(checkpoint)
     LOG.info("dam: trained in %.1f s; held-out KL per expert, linear average -> DAM: %s", seconds,
              {row: f"{kl_start[row]:.4f} -> {kl_end[row]:.4f}" for row in kl_end})
     return TrainingResult(coefficients, report)
 
 
-def build_view(job: TrainingJob, device: torch.device, dtype: torch.dtype) -> MergedModel:
+def build_view(job: TrainingJob, device: torch.device, dtype: torch.dtype, ranks=None) -> MergedModel:
     skeleton = build_skeleton(job.out_config, device, job.trust_remote_code)
     kinds = tensor_kinds(skeleton)
     trained = {spec.name for spec in job.tensors if spec.name in kinds and trains(kinds[spec.name], job.settings)}
-    return MergedModel(skeleton, _load_stacks(job, device, dtype), trained, job.settings.nonlinearity, job.settings.recompute)
+    return MergedModel(
+        skeleton, ExpertStacks(job, device, dtype), trained, job.settings.nonlinearity, job.settings.recompute,
+        shard=ranks.shard if ranks else None,
+    )
 
 
 def micro_batch_loss(view: MergedModel, experts: Sequence[int], ids, mask, settings, topk=None):

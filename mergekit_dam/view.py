@@ -187,8 +187,10 @@ class MergedBlock(torch.nn.Module):
 class MergedModel:
     """Forward passes of the merged model and of each expert through one skeleton.
 
-    stacks: expert stack [N, *shape] per tensor name; trained: the names whose
-    coefficients train (the rest keep 1/N)."""
+    stacks: expert stack [N, *shape] per tensor name (a lazy mapping may load each on
+    access: every stack is read once, group by group); trained: the names whose
+    coefficients train (the rest keep 1/N); shard: called with each group once built
+    (distributed.Ranks.shard makes it an FSDP unit)."""
 
     def __init__(
         self,
@@ -197,6 +199,7 @@ class MergedModel:
         trained: Optional[Set[str]] = None,
         nonlinearity: str = "none",
         recompute: bool = False,
+        shard: Optional[Callable] = None,
     ):
         self.skeleton = skeleton
         expected = {name for name, _ in skeleton.named_parameters()}
@@ -225,25 +228,28 @@ class MergedModel:
         members: Dict[str, List[str]] = {"embed": []}
         members.update({f"layer.{b}": [] for b in range(len(layers))})
         members["head"] = []
-        self.local_names: Dict[str, str] = {}  # name inside its decoder layer
+        local_names: Dict[str, str] = {}  # name inside its decoder layer
         for name in sorted(stacks):
             if name.startswith(prefix + "."):
                 index, local = name[len(prefix) + 1 :].split(".", 1)
                 members[f"layer.{index}"].append(name)
-                self.local_names[name] = local
+                local_names[name] = local
             elif name.startswith(embed_prefix + "."):
                 members["embed"].append(name)
             else:
                 members["head"].append(name)
-        n = next(iter(stacks.values())).shape[0]
         self.groups: Dict[str, TensorGroup] = {}
+        n, device = None, None
         for key, names in members.items():
-            coefficients = Coefficients(
-                [stacks[name].shape[-1] for name in names], [name in trained for name in names], n, nonlinearity,
-                next(iter(stacks.values())).device,
-            )
-            local = [self.local_names.get(name, name) for name in names]
-            self.groups[key] = TensorGroup(local, names, [stacks[name] for name in names], coefficients)
+            group_stacks = [stacks[name] for name in names]
+            if group_stacks:
+                n, device = group_stacks[0].shape[0], group_stacks[0].device
+            coefficients = Coefficients([s.shape[-1] for s in group_stacks], [name in trained for name in names], n or 1, nonlinearity, device)
+            group = TensorGroup([local_names.get(name, name) for name in names], names, group_stacks, coefficients)
+            del group_stacks
+            if shard is not None:
+                shard(group)
+            self.groups[key] = group
         for index in range(len(layers)):
             if not isinstance(layers[index], MergedBlock):
                 layers[index] = MergedBlock(layers[index], index, self)

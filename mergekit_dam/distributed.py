@@ -1,0 +1,115 @@
+"""Sharded training across processes, on PyTorch FSDP2 (`fully_shard`).
+
+Launched by torchrun or `accelerate launch` (they set WORLD_SIZE, RANK, LOCAL_RANK),
+`mergekit-dam train` runs one process per device. Every tensor group of the view
+(the embedding, each decoder layer, the head; see view.py) becomes an FSDP unit: its
+expert stacks and, as a nested unit, its coefficients are sharded across the ranks and
+gathered only while the group merges its weights, so a rank holds 1/world of the
+experts plus one layer gathered. Data parallelism splits each optimizer step's
+`grad_accum` micro-batches across the ranks; FSDP reduce-scatters the coefficient
+gradients. The same config therefore learns the same coefficients as one process, up
+to floating-point summation order. Rank 0 writes the checkpoints and the artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from mergekit_dam.config import DamError
+
+
+@dataclass
+class Ranks:
+    rank: int
+    world: int
+    device: torch.device
+    mesh: object
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, group: torch.nn.Module) -> None:
+        """Make a TensorGroup an FSDP unit (its coefficients a nested one: FSDP gathers
+        parameters of one dtype per unit, and the coefficients are float32)."""
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(group.coefficients, mesh=self.mesh)
+        fully_shard(group, mesh=self.mesh)
+        group.copy_experts = True
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        values = values.clone()
+        dist.all_reduce(values)
+        return values
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+def launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(train_device: str) -> Optional[Ranks]:
+    """The process group of a torchrun/accelerate launch (None in a single process)."""
+    if not launched():
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if train_device == "auto":
+        train_device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = torch.device(train_device).type
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise DamError(f"dam: train_device `{train_device}` but no CUDA GPU is available; use train_device: cpu")
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    elif kind == "cpu":
+        device = torch.device("cpu")
+    else:
+        raise DamError(f"dam: train_device `{train_device}` is not supported for sharded training; use auto, cpu or cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+    mesh = init_device_mesh(kind, (dist.get_world_size(),))
+    if dist.get_rank() != 0:  # one copy of the logs
+        logging.getLogger("mergekit_dam").setLevel(logging.WARNING)
+    return Ranks(dist.get_rank(), dist.get_world_size(), device, mesh)
+
+
+def is_main() -> bool:
+    """Rank 0 of a launch (before or after the process group exists), or a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded (DTensor) parameter or state; others as they are."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def like(reference: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """`whole` laid out like `reference` (this rank's shard when it is a DTensor)."""
+    if hasattr(reference, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(whole.to(reference.device), reference.device_mesh, reference.placements)
+    return whole.to(reference.device)

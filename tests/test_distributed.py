@@ -1,0 +1,59 @@
+"""Sharded training (FSDP2) in two gloo processes on CPU, launched by torchrun exactly
+as a user would, against the single-process run of the same config; the artifact it
+writes is then applied by a stock `mergekit-yaml` merge."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mergekit_dam.api import train as train_stage
+
+from conftest import BIN, expected_merge, lab_dam_config, mergekit_yaml, read_checkpoint, write_config
+
+SHARDED = {"steps": 6, "lr": 0.02, "max_length": 24, "batch_size": 2, "grad_accum": 2, "samples": 24, "train_device": "cpu"}
+
+
+def torchrun(config_path: str, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [os.path.join(BIN, "torchrun"), "--standalone", "--nproc-per-node", str(processes),
+         "-m", "mergekit_dam.cli", "-q", "train", config_path, *args],
+        capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
+    )
+
+
+@pytest.mark.parametrize("parameters", [{}, {"checkpoint_every": 2, "nonlinearity": "sigmoid"}], ids=["default", "sigmoid+checkpoints"])
+def test_two_processes_learn_what_one_process_learns(lab, tmp_path, parameters):
+    single = tmp_path / "single.safetensors"
+    train_stage(lab_dam_config(lab, single, **SHARDED, **parameters))
+    sharded = tmp_path / "sharded.safetensors"
+    config_path = write_config(tmp_path / "dam.yml", lab_dam_config(lab, sharded, **SHARDED, **parameters))
+    result = torchrun(config_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    one, two = load_file(str(single)), load_file(str(sharded))
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4, msg=name)
+    assert any(not torch.allclose(t, torch.full_like(t, 0.25)) for t in two.values())  # it trained
+    report = json.loads((tmp_path / "sharded.report.json").read_text())
+    assert report["processes"] == 2 and len(report["loss_curve"]) == SHARDED["steps"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["dam.yml", "sharded.report.json", "sharded.safetensors", "single.report.json", "single.safetensors"])
+
+    # a stock merge applies the sharded run's artifact without training again
+    merged = mergekit_yaml(config_path, str(tmp_path / "out"))
+    assert "reusing coefficients" in merged.stderr + merged.stdout
+    out = read_checkpoint(str(tmp_path / "out"))
+    for name, value in expected_merge(lab["experts"], two, lab["experts"]).items():
+        torch.testing.assert_close(out[name].double(), value, atol=1e-5, rtol=1e-5)
+
+
+def test_grad_accum_must_split_across_processes(lab, tmp_path):
+    config_path = write_config(tmp_path / "dam.yml", lab_dam_config(lab, tmp_path / "c.safetensors", **{**SHARDED, "grad_accum": 1}))
+    result = torchrun(config_path)
+    assert result.returncode != 0
+    assert "set grad_accum to a multiple of 2" in result.stderr
+    assert not os.path.exists(tmp_path / "c.safetensors")
