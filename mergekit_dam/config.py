@@ -70,11 +70,18 @@ class DamSettings(BaseModel):
     train_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     checkpoint_every: int = Field(0, ge=0)
     recompute: bool = True  # rebuild each layer's merged weights and activations in backward
+    # end_to_end: the logit KL through the whole merged model; layerwise: one group at a
+    # time on cached hidden states (memory ~ one layer x N experts; see layerwise.py).
+    mode: Literal["end_to_end", "layerwise"] = "end_to_end"
 
     @model_validator(mode="after")
     def _compatible(self):
         if self.teacher == "topk" and self.mse_weight:
             raise ValueError("mse_weight needs full expert logits: use teacher: online")
+        if self.mode == "layerwise" and self.teacher == "topk":
+            raise ValueError("teacher: topk does not apply to mode: layerwise (its last stage takes the experts' logits from cached hidden states); use teacher: online")
+        if self.mode == "layerwise" and self.checkpoint_every:
+            raise ValueError("checkpoint_every is not supported with mode: layerwise (its stages are short); drop it")
         return self
 
 

@@ -222,8 +222,35 @@ class ExpertStacks(Mapping):
         return len(self.specs)
 
 
+def prepare_data(job: TrainingJob) -> tuple:
+    """(experts: rows with data, training sequences per expert, a held-out tail per
+    expert for the report, the padding id)."""
+    settings = job.settings
+    pad_id = job.tokenizer.pad_token_id if job.tokenizer.pad_token_id is not None else (job.tokenizer.eos_token_id or 0)
+    experts = [index for index, row in enumerate(job.rows) if row in job.data]
+    train_sets, held_out = {}, {}
+    for index in experts:
+        row = job.rows[index]
+        sequences = tokenize(job.data[row], job.tokenizer, row, samples=settings.samples, max_length=settings.max_length, seed=settings.seed)
+        keep = max(1, min(HELD_OUT_MAX, len(sequences) // 10)) if len(sequences) >= 2 else 0
+        train_sets[index] = sequences[: len(sequences) - keep] if keep else sequences
+        held_out[index] = sequences[len(sequences) - keep :] if keep else sequences
+        if not keep:
+            LOG.warning("dam: %s has a single example; its held-out KL is measured on training data", row)
+    return experts, train_sets, held_out, pad_id
+
+
+def steps_for(settings: DamSettings, train_sets) -> int:
+    steps_per_epoch = math.ceil(max(len(s) for s in train_sets.values()) / settings.batch_size / settings.grad_accum)
+    return settings.steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
+
+
 def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     settings = job.settings
+    if settings.mode == "layerwise":
+        from mergekit_dam.layerwise import train_layerwise
+
+        return train_layerwise(job)
     ranks = distributed.setup(settings.train_device)
     if ranks and settings.grad_accum % ranks.world:
         raise DamError(
@@ -238,18 +265,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    # data: per expert, training sequences and a held-out tail for the report
-    pad_id = job.tokenizer.pad_token_id if job.tokenizer.pad_token_id is not None else (job.tokenizer.eos_token_id or 0)
-    experts = [index for index, row in enumerate(job.rows) if row in job.data]
-    train_sets, held_out = {}, {}
-    for index in experts:
-        row = job.rows[index]
-        sequences = tokenize(job.data[row], job.tokenizer, row, samples=settings.samples, max_length=settings.max_length, seed=settings.seed)
-        keep = max(1, min(HELD_OUT_MAX, len(sequences) // 10)) if len(sequences) >= 2 else 0
-        train_sets[index] = sequences[: len(sequences) - keep] if keep else sequences
-        held_out[index] = sequences[len(sequences) - keep :] if keep else sequences
-        if not keep:
-            LOG.warning("dam: %s has a single example; its held-out KL is measured on training data", row)
+    experts, train_sets, held_out, pad_id = prepare_data(job)
 
     # model view and coefficients
     n = len(job.rows)
@@ -259,8 +275,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     raw = view.raw_parameters()
     trainable = sum(p.numel() for p in raw.values())
 
-    steps_per_epoch = math.ceil(max(len(s) for s in train_sets.values()) / settings.batch_size / settings.grad_accum)
-    steps = settings.steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
+    steps = steps_for(settings, train_sets)
     length = min(settings.max_length, max(len(s) for seqs in train_sets.values() for s in seqs))
     plan = estimate(job, dtype, len(experts) * settings.batch_size, length, trainable, world)
     available = available_memory(device)
@@ -383,13 +398,13 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     return TrainingResult(coefficients, report)
 
 
-def build_view(job: TrainingJob, device: torch.device, dtype: torch.dtype, ranks=None) -> MergedModel:
+def build_view(job: TrainingJob, device: torch.device, dtype: torch.dtype, ranks=None, lazy: bool = False) -> MergedModel:
     skeleton = build_skeleton(job.out_config, device, job.trust_remote_code)
     kinds = tensor_kinds(skeleton)
     trained = {spec.name for spec in job.tensors if spec.name in kinds and trains(kinds[spec.name], job.settings)}
     return MergedModel(
         skeleton, ExpertStacks(job, device, dtype), trained, job.settings.nonlinearity, job.settings.recompute,
-        shard=ranks.shard if ranks else None,
+        shard=ranks.shard if ranks else None, lazy=lazy,
     )
 
 

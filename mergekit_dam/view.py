@@ -190,7 +190,7 @@ class MergedModel:
     stacks: expert stack [N, *shape] per tensor name (a lazy mapping may load each on
     access: every stack is read once, group by group); trained: the names whose
     coefficients train (the rest keep 1/N); shard: called with each group once built
-    (distributed.Ranks.shard makes it an FSDP unit)."""
+    (distributed.Ranks.shard makes it an FSDP unit); lazy: build no group until `load`."""
 
     def __init__(
         self,
@@ -200,6 +200,7 @@ class MergedModel:
         nonlinearity: str = "none",
         recompute: bool = False,
         shard: Optional[Callable] = None,
+        lazy: bool = False,
     ):
         self.skeleton = skeleton
         expected = {name for name, _ in skeleton.named_parameters()}
@@ -238,22 +239,33 @@ class MergedModel:
                 members["embed"].append(name)
             else:
                 members["head"].append(name)
+        self.members, self.local_names = members, local_names
+        self._stacks, self._trained, self._nonlinearity, self._shard = stacks, trained, nonlinearity, shard
         self.groups: Dict[str, TensorGroup] = {}
-        n, device = None, None
-        for key, names in members.items():
-            group_stacks = [stacks[name] for name in names]
-            if group_stacks:
-                n, device = group_stacks[0].shape[0], group_stacks[0].device
-            coefficients = Coefficients([s.shape[-1] for s in group_stacks], [name in trained for name in names], n or 1, nonlinearity, device)
-            group = TensorGroup([local_names.get(name, name) for name in names], names, group_stacks, coefficients)
-            del group_stacks
-            if shard is not None:
-                shard(group)
-            self.groups[key] = group
+        if not lazy:
+            for key in members:
+                self.load(key)
         for index in range(len(layers)):
             if not isinstance(layers[index], MergedBlock):
                 layers[index] = MergedBlock(layers[index], index, self)
         self.blocks: List[MergedBlock] = list(layers)
+
+    def load(self, key: str) -> TensorGroup:
+        """Build group `key` ("embed", "layer.B", "head"): read its stacks, 1/N coefficients."""
+        names = self.members[key]
+        stacks = [self._stacks[name] for name in names]
+        n = stacks[0].shape[0] if stacks else 1
+        device = stacks[0].device if stacks else None
+        coefficients = Coefficients([s.shape[-1] for s in stacks], [name in self._trained for name in names], n, self._nonlinearity, device)
+        group = TensorGroup([self.local_names.get(name, name) for name in names], names, stacks, coefficients)
+        del stacks
+        if self._shard is not None:
+            self._shard(group)
+        self.groups[key] = group
+        return group
+
+    def unload(self, key: str) -> None:
+        del self.groups[key]
 
     # --- forwards -------------------------------------------------------------------
 
@@ -265,18 +277,19 @@ class MergedModel:
             tables.update(t)
         return weights, tables
 
-    def forward(self, selection: Optional[int], input_ids, attention_mask, weights=None) -> tuple:
+    def forward(self, selection: Optional[int], input_ids, attention_mask, weights=None, inputs_embeds=None) -> tuple:
         """(logits, trained tables by full name) of the merged model (selection None) or
-        expert `selection`. `weights`: outer (embedding, head) weights to use instead."""
+        expert `selection`. `weights`: outer (embedding, head) weights to use instead of
+        the groups'; `inputs_embeds` instead of `input_ids` (see layerwise.py)."""
         self.selection, self.collected = selection, {}
         try:
             if weights is None:
                 weights, tables = self.outer_weights(selection)
             else:
                 tables = {}
+            inputs = dict(input_ids=input_ids) if inputs_embeds is None else dict(inputs_embeds=inputs_embeds)
             output = functional_call(
-                self.skeleton, weights, args=(),
-                kwargs=dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False),
+                self.skeleton, weights, args=(), kwargs=dict(**inputs, attention_mask=attention_mask, use_cache=False),
             )
             return output.logits, {**tables, **self.collected}
         finally:
