@@ -4,24 +4,27 @@
 
 For each geometry (Llama-style, 4 layers, 3 experts, float32 on CPU with gloo), runs the
 real `mergekit-dam train` path under torchrun with W processes and records, per rank,
-the peak RSS growth from just before training (after imports) to the end: the memory
-DAM itself adds on that rank. The expert weights are N*P*4 bytes in all; sharding
-should leave each rank about 1/W of them plus one gathered layer. Prints a table and
-writes sharded_memory.json.
+from just before training (after imports) to its end:
+  resident  growth of anonymous memory (RssAnon) still held after training: the rank's
+            share of the experts and coefficients;
+  peak      growth of the peak RSS (VmHWM): resident + gathered layers, buffers, activations,
+            and the checkpoint pages each rank maps to read its tensors (RssFile).
+glibc is told to return large blocks to the system (MALLOC_MMAP_THRESHOLD_), so that
+freed tensors do not stay in the process's RSS. Prints a table, writes sharded_memory.json.
 """
 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 
 HERE = os.path.abspath(__file__)
 
 
-def rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def status() -> dict:
+    with open("/proc/self/status") as handle:
+        return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in handle if line.startswith(("VmHWM", "VmRSS", "RssAnon", "RssFile"))}
 
 
 def worker(config_path: str, out_json: str) -> None:
@@ -30,12 +33,12 @@ def worker(config_path: str, out_json: str) -> None:
     from mergekit_dam import distributed
     from mergekit_dam.api import train
 
-    with open("/proc/self/status") as handle:  # current RSS (VmRSS), not the max so far
-        before = next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
+    before = status()
     train(config_path, MergeOptions(quiet=True))
+    after = status()
     rank = int(os.environ.get("RANK", "0"))
     with open(f"{out_json}.{rank}", "w") as handle:
-        json.dump({"rank": rank, "before": before, "peak": rss()}, handle)
+        json.dump({"rank": rank, "resident": after["RssAnon"] - before["RssAnon"], "peak": after["VmHWM"] - before["VmRSS"]}, handle)
     distributed.shutdown()
 
 
@@ -74,12 +77,13 @@ def main():
             out_json = os.path.join(root, f"w{world}.json")
             command = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc-per-node", str(world),
                        HERE, "--worker", config_path, out_json]
-            subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+            subprocess.run(command, check=True, capture_output=True, env=env)
             ranks = [json.load(open(f"{out_json}.{r}")) for r in range(world)]
-            growth = max(r["peak"] - r["before"] for r in ranks)
-            rows.append({"hidden": hidden, "expert_bytes_total": 3 * params, "processes": world, "max_rank_growth": growth})
-            print(f"hidden {hidden:5d}  experts {3 * params / 2**20:8.1f} MiB in all  W={world}  "
-                  f"max per-rank growth {growth / 2**20:8.1f} MiB  ({growth / (3 * params):.2f} x the experts)", flush=True)
+            resident, peak = max(r["resident"] for r in ranks), max(r["peak"] for r in ranks)
+            rows.append({"hidden": hidden, "expert_bytes_total": 3 * params, "processes": world, "resident": resident, "peak": peak})
+            print(f"hidden {hidden:5d}  experts {3 * params / 2**20:7.1f} MiB  W={world}  per rank: resident {resident / 2**20:7.1f} MiB "
+                  f"({resident / (3 * params):.2f} x experts), peak {peak / 2**20:7.1f} MiB", flush=True)
     with open(os.path.join(args.out, "sharded_memory.json"), "w") as handle:
         json.dump(rows, handle, indent=1)
 

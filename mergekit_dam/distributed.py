@@ -39,10 +39,22 @@ class Ranks:
         """Make a TensorGroup an FSDP unit (its coefficients a nested one: FSDP gathers
         parameters of one dtype per unit, and the coefficients are float32)."""
         from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Shard
 
-        fully_shard(group.coefficients, mesh=self.mesh)
-        fully_shard(group, mesh=self.mesh)
+        # split along the columns/rows, not the expert axis (N is small and rarely divisible by W)
+        def columns(parameter):
+            return Shard(1)
+
+        fully_shard(group.coefficients, mesh=self.mesh, shard_placement_fn=columns)
+        fully_shard(group, mesh=self.mesh, shard_placement_fn=columns)
         group.copy_experts = True
+
+    def root(self, view: torch.nn.Module) -> None:
+        """Make the view the FSDP root. Without one, every group would be its own root,
+        and FSDP keeps a root's parameters gathered from forward to backward."""
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(view, mesh=self.mesh)
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         values = values.clone()

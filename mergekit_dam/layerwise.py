@@ -86,7 +86,7 @@ def final_logits(view: MergedModel, selection: Optional[int], hidden, mask, weig
 
     view.intercept = intercept
     try:
-        return view.forward(selection, None, mask, weights=weights, inputs_embeds=torch.zeros_like(hidden))
+        return view(selection, None, mask, weights=weights, inputs_embeds=torch.zeros_like(hidden))
     finally:
         view.intercept = None
 
@@ -94,7 +94,7 @@ def final_logits(view: MergedModel, selection: Optional[int], hidden, mask, weig
 def _stopped(view: MergedModel, intercept, inputs: dict, mask, weights):
     view.intercept = intercept
     try:
-        view.forward(view.selection, inputs.get("input_ids"), mask, weights=weights, inputs_embeds=inputs.get("inputs_embeds"))
+        view(None, inputs.get("input_ids"), mask, weights=weights, inputs_embeds=inputs.get("inputs_embeds"))
     except _Stop as stop:
         return stop.value
     finally:
@@ -139,7 +139,7 @@ def train_layerwise(job: TrainingJob) -> TrainingResult:
     skeleton = view.skeleton
     tied = skeleton.get_output_embeddings() is not None and skeleton.get_output_embeddings().weight is skeleton.get_input_embeddings().weight
     steps = steps_for(settings, train_sets)
-    stages = ["embed", *[f"layer.{b}" for b in range(layers - 1)], "last"]
+    stages = ["embed", *[f"layer{b}" for b in range(layers - 1)], "last"]
     LOG.info("dam: layer-wise training: %d stages of %d steps on %s (%s), inputs %s", len(stages), steps, device,
              str(dtype).replace("torch.", ""), job.rows)
 
@@ -224,7 +224,7 @@ def train_layerwise(job: TrainingJob) -> TrainingResult:
 
     # stages: every layer but the last
     for b in range(layers - 1):
-        key = f"layer.{b}"
+        key = f"layer{b}"
         view.load(key)
         targets = {}
         with torch.no_grad():
@@ -248,7 +248,7 @@ def train_layerwise(job: TrainingJob) -> TrainingResult:
         view.unload(key)
 
     # stage: the last layer and the head, on the logit KL
-    last = f"layer.{layers - 1}"
+    last = f"layer{layers - 1}"
     view.load(last)
     head = view.load("head")
 

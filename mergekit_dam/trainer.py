@@ -402,10 +402,13 @@ def build_view(job: TrainingJob, device: torch.device, dtype: torch.dtype, ranks
     skeleton = build_skeleton(job.out_config, device, job.trust_remote_code)
     kinds = tensor_kinds(skeleton)
     trained = {spec.name for spec in job.tensors if spec.name in kinds and trains(kinds[spec.name], job.settings)}
-    return MergedModel(
+    view = MergedModel(
         skeleton, ExpertStacks(job, device, dtype), trained, job.settings.nonlinearity, job.settings.recompute,
         shard=ranks.shard if ranks else None, lazy=lazy,
     )
+    if ranks:
+        ranks.root(view)
+    return view
 
 
 def micro_batch_loss(view: MergedModel, experts: Sequence[int], ids, mask, settings, topk=None):

@@ -156,7 +156,7 @@ class MergedBlock(torch.nn.Module):
         super().__init__()
         self.layer = layer
         self.index = index
-        self.view = view  # not a Module: a plain attribute
+        object.__setattr__(self, "view", view)  # a back-reference, not a submodule
 
     def __getattr__(self, name):  # attributes the model's forward reads (e.g. attention_type)
         try:
@@ -173,7 +173,7 @@ class MergedBlock(torch.nn.Module):
 
     def run(self, selection: Optional[int], hidden_states, *args, **kwargs) -> tuple:
         """(layer output, trained tables) with merged (None) or expert `selection` weights."""
-        group = self.view.groups[f"layer.{self.index}"]
+        group = self.view.groups[f"layer{self.index}"]
 
         def compute(hidden_states, *args, **kwargs):
             weights, tables = group(selection)
@@ -184,8 +184,11 @@ class MergedBlock(torch.nn.Module):
         return compute(hidden_states, *args, **kwargs)
 
 
-class MergedModel:
+class MergedModel(torch.nn.Module):
     """Forward passes of the merged model and of each expert through one skeleton.
+
+    A Module whose submodules are the groups, so that sharded, it is the FSDP root and
+    every group a unit resharded after its forward.
 
     stacks: expert stack [N, *shape] per tensor name (a lazy mapping may load each on
     access: every stack is read once, group by group); trained: the names whose
@@ -202,7 +205,9 @@ class MergedModel:
         shard: Optional[Callable] = None,
         lazy: bool = False,
     ):
-        self.skeleton = skeleton
+        super().__init__()
+        # not a submodule: its parameters are meta placeholders that functional_call replaces
+        object.__setattr__(self, "skeleton", skeleton)
         expected = {name for name, _ in skeleton.named_parameters()}
         missing, extra = expected - set(stacks), set(stacks) - expected
         if (missing, extra) == (set(), {"lm_head.weight"}) and getattr(skeleton.config, "tie_word_embeddings", False):
@@ -227,13 +232,13 @@ class MergedModel:
         embedding = skeleton.get_input_embeddings()
         embed_prefix = next(name for name, module in skeleton.named_modules() if module is embedding)
         members: Dict[str, List[str]] = {"embed": []}
-        members.update({f"layer.{b}": [] for b in range(len(layers))})
+        members.update({f"layer{b}": [] for b in range(len(layers))})
         members["head"] = []
         local_names: Dict[str, str] = {}  # name inside its decoder layer
         for name in sorted(stacks):
             if name.startswith(prefix + "."):
                 index, local = name[len(prefix) + 1 :].split(".", 1)
-                members[f"layer.{index}"].append(name)
+                members[f"layer{index}"].append(name)
                 local_names[name] = local
             elif name.startswith(embed_prefix + "."):
                 members["embed"].append(name)
@@ -241,17 +246,17 @@ class MergedModel:
                 members["head"].append(name)
         self.members, self.local_names = members, local_names
         self._stacks, self._trained, self._nonlinearity, self._shard = stacks, trained, nonlinearity, shard
-        self.groups: Dict[str, TensorGroup] = {}
+        self.groups = torch.nn.ModuleDict()
         if not lazy:
             for key in members:
                 self.load(key)
         for index in range(len(layers)):
             if not isinstance(layers[index], MergedBlock):
                 layers[index] = MergedBlock(layers[index], index, self)
-        self.blocks: List[MergedBlock] = list(layers)
+        object.__setattr__(self, "blocks", list(layers))  # the skeleton's, not submodules here
 
     def load(self, key: str) -> TensorGroup:
-        """Build group `key` ("embed", "layer.B", "head"): read its stacks, 1/N coefficients."""
+        """Build group `key` ("embed", "layerB", "head"): read its stacks, 1/N coefficients."""
         names = self.members[key]
         stacks = [self._stacks[name] for name in names]
         n = stacks[0].shape[0] if stacks else 1
@@ -296,10 +301,10 @@ class MergedModel:
             self.selection, self.collected = None, {}
 
     def merged_logits(self, input_ids, attention_mask) -> tuple:
-        return self.forward(None, input_ids, attention_mask)
+        return self(None, input_ids, attention_mask)
 
     def expert_logits(self, index: int, input_ids, attention_mask) -> torch.Tensor:
-        return self.forward(index, input_ids, attention_mask)[0]
+        return self(index, input_ids, attention_mask)[0]
 
     # --- coefficients ---------------------------------------------------------------
 
