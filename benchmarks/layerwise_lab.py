@@ -36,12 +36,13 @@ def main():
             reports[mode] = json.load(handle)
     models["linear"] = os.path.join(args.out, "merged-linear")
     _mergekit_yaml(merge_configs(manifest, "")["linear"], os.path.join(args.out, "linear.yml"), models["linear"], quiet=True)
-    results = score({"base": manifest["base"], **models}, Suite.from_lab(manifest))
+    experts = {f"expert:{s}": manifest["skills"][s]["expert"] for s in SKILLS}  # for retention
+    results = score({"base": manifest["base"], **experts, **models}, Suite.from_lab(manifest))
     print(f"{'merge':16s}" + "".join(f"{s:>26s}" for s in SKILLS))
     for name in models:
         entry = results[name]
         print(f"{name:16s}" + "".join(
-            f"{entry[s]['accuracy']:>8.2f} KL {entry[s]['kl']:5.2f} ret {entry.get('retention', {}).get(s, {}).get('nll', float('nan')):5.2f}"
+            f"{entry[s]['accuracy']:>8.2f} KL {entry[s]['kl']:5.2f} ret {entry['retention'][s]['nll']:5.2f}"
             for s in SKILLS))
     for mode, report in reports.items():
         print(f"{mode:12s} training {report['seconds']:.1f} s, peak RSS {report['peak_memory_bytes'] / 2**30:.2f} GiB, "

@@ -36,8 +36,9 @@ class Ranks:
         return self.rank == 0
 
     def shard(self, group: torch.nn.Module) -> None:
-        """Make a TensorGroup an FSDP unit (its coefficients a nested one: FSDP gathers
-        parameters of one dtype per unit, and the coefficients are float32)."""
+        """Make a TensorGroup, experts and coefficients together, one FSDP unit. One unit,
+        not two: FSDP reshards a unit after backward when its trainable parameters get
+        their gradients, and the expert stacks alone have none."""
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import Shard
 
@@ -45,7 +46,6 @@ class Ranks:
         def columns(parameter):
             return Shard(1)
 
-        fully_shard(group.coefficients, mesh=self.mesh, shard_placement_fn=columns)
         fully_shard(group, mesh=self.mesh, shard_placement_fn=columns)
         group.copy_experts = True
 

@@ -189,8 +189,7 @@ def train_layerwise(job: TrainingJob) -> TrainingResult:
 
     def keep_tables(key: str) -> None:
         with torch.no_grad():
-            group = view.groups[key]
-            for name, table in zip(group.full_names, group.coefficients()):
+            for name, table in view.groups[key]("tables")[1].items():
                 tables[name] = table.detach().float().cpu()
 
     # stage: embed

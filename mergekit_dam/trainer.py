@@ -158,9 +158,9 @@ def estimate(job: TrainingJob, dtype: torch.dtype, sequences: int, length: int, 
     layers = getattr(job.out_config, "num_hidden_layers", 0)
     tokens = sequences * length
     per_layer = tokens * hidden * element * 16  # one layer's saved activations
-    if job.settings.recompute:  # one layer's merged weights; layer inputs kept, one layer's activations rebuilt
-        largest_layer = params - sum(math.prod(s.shape) for s in job.tensors if ".layers." not in s.name)
-        merged = max(params - largest_layer, largest_layer // max(1, layers))
+    if job.settings.recompute:  # embedding and head merged all along, one layer at a time; layer inputs kept
+        outer = sum(math.prod(s.shape) for s in job.tensors if ".layers." not in s.name)
+        merged = outer + (params - outer) // max(1, layers)
         activations = tokens * hidden * layers * element + per_layer
     else:
         merged, activations = params, per_layer * layers

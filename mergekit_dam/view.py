@@ -135,9 +135,12 @@ class TensorGroup(torch.nn.Module):
         self.coefficients = coefficients
         self.copy_experts = False  # FSDP: an expert's slice must outlive the gathered stack
 
-    def forward(self, selection: Optional[int]) -> tuple:
+    def forward(self, selection) -> tuple:
         """(weights by name, effective tables of the trained tensors by full name): merged
-        weights for selection None, expert `selection`'s own weights otherwise."""
+        weights for selection None, expert `selection`'s own weights for an index; for
+        "tables", no weights and the effective tables of every tensor."""
+        if selection == "tables":
+            return {}, dict(zip(self.full_names, self.coefficients()))
         if selection is not None:
             return {n: s[selection].clone() if self.copy_experts else s[selection] for n, s in zip(self.names, self.stacks)}, {}
         weights, tables = {}, {}
@@ -323,7 +326,7 @@ class MergedModel(torch.nn.Module):
         result = {}
         with torch.no_grad():
             for group in self.groups.values():
-                for name, table in zip(group.full_names, group.coefficients()):
+                for name, table in group("tables")[1].items():  # through forward: FSDP gathers the group
                     result[name] = table.detach().float().cpu()
         return result
 
