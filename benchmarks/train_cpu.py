@@ -25,6 +25,7 @@ def main():
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--no-recompute", dest="recompute", action="store_false", help="keep merged weights for backward")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
         base, *experts = make_family(root, "llama", hidden=args.hidden, layers=args.layers)
@@ -36,7 +37,7 @@ def main():
             "merge_method": "dam", "base_model": base,
             "models": [{"model": m, "parameters": {"dataset": data}} for m in experts],
             "parameters": {"coefficients": os.path.join(root, "c.safetensors"), "steps": args.steps,
-                           "max_length": args.seq, "batch_size": args.batch, "samples": 64},
+                           "max_length": args.seq, "batch_size": args.batch, "samples": 64, "recompute": args.recompute},
         }
         train(config, MergeOptions(quiet=True))
         report = json.load(open(os.path.join(root, "c.report.json")))

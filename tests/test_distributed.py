@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from mergekit_dam import trainer
 from mergekit_dam.api import train as train_stage
 
 from conftest import BIN, expected_merge, lab_dam_config, mergekit_yaml, read_checkpoint, write_config
@@ -47,6 +49,40 @@ def test_two_processes_learn_what_one_process_learns(lab, tmp_path):
     out = read_checkpoint(str(tmp_path / "out"))
     for name, value in expected_merge(lab["experts"], two, lab["experts"]).items():
         torch.testing.assert_close(out[name].double(), value, atol=1e-5, rtol=1e-5)
+
+
+def test_two_processes_resume_a_single_process_checkpoint(lab, tmp_path, monkeypatch):
+    """Checkpoints hold whole tensors, so a run interrupted in one process can resume sharded."""
+    parameters = {**SHARDED, "checkpoint_every": 2}
+    reference = tmp_path / "reference.safetensors"
+    train_stage(lab_dam_config(lab, reference, **parameters))
+
+    artifact = tmp_path / "resumed.safetensors"
+    calls = {"count": 0}
+    original = trainer.micro_batch_loss
+
+    def interrupted(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] > 4 * SHARDED["grad_accum"]:  # step 5 of 6: the step-4 checkpoint exists
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "micro_batch_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(lab_dam_config(lab, artifact, **parameters))
+    assert os.path.exists(str(artifact) + ".ckpt") and not artifact.exists()
+
+    config_path = write_config(tmp_path / "dam.yml", lab_dam_config(lab, artifact, **parameters))
+    result = subprocess.run(
+        [os.path.join(BIN, "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "mergekit_dam.cli", "train", config_path],
+        capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "at step 4 of 6" in result.stderr
+    one, two = load_file(str(reference)), load_file(str(artifact))
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4, msg=name)
+    assert not os.path.exists(str(artifact) + ".ckpt")
 
 
 def test_grad_accum_must_split_across_processes(lab, tmp_path):
