@@ -65,8 +65,13 @@ class Ranks:
         dist.barrier()
 
 
+def world_size() -> int:
+    """Processes in this launch (torchrun and accelerate set WORLD_SIZE); 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return world_size() > 1
 
 
 def setup(train_device: str) -> Optional[Ranks]:

@@ -251,15 +251,15 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
         from mergekit_dam.layerwise import train_layerwise
 
         return train_layerwise(job)
-    ranks = distributed.setup(settings.train_device)
-    if ranks and settings.grad_accum % ranks.world:
+    world = distributed.world_size()
+    if settings.grad_accum % world:
         raise DamError(
-            f"dam: sharded training splits each step's grad_accum micro-batches across the {ranks.world} processes; "
-            f"set grad_accum to a multiple of {ranks.world} (now {settings.grad_accum})"
+            f"dam: sharded training splits each step's grad_accum micro-batches across the {world} processes; "
+            f"set grad_accum to a multiple of {world} (now {settings.grad_accum})"
         )
+    ranks = distributed.setup(settings.train_device)
     device = ranks.device if ranks else resolve_device(settings.train_device)
     dtype = resolve_dtype(settings.train_dtype, device)
-    world = ranks.world if ranks else 1
     torch.manual_seed(settings.seed)
     started = time.perf_counter()
     if device.type == "cuda":

@@ -12,10 +12,13 @@ from safetensors.torch import load_file
 
 from mergekit_dam import trainer
 from mergekit_dam.api import train as train_stage
+from mergekit_dam.config import DamError
 
 from conftest import BIN, expected_merge, lab_dam_config, mergekit_yaml, read_checkpoint, write_config
 
-SHARDED = {"steps": 6, "lr": 0.02, "max_length": 24, "batch_size": 2, "grad_accum": 2, "samples": 24, "train_device": "cpu"}
+# checkpoints (gathered from the shards) and a non-identity f on the coefficients
+SHARDED = {"steps": 6, "lr": 0.02, "max_length": 24, "batch_size": 2, "grad_accum": 2, "samples": 24, "train_device": "cpu",
+           "checkpoint_every": 2, "nonlinearity": "sigmoid"}
 
 
 def torchrun(config_path: str, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
@@ -26,22 +29,27 @@ def torchrun(config_path: str, *args: str, processes: int = 2) -> subprocess.Com
     )
 
 
-def test_two_processes_learn_what_one_process_learns(lab, tmp_path):
-    parameters = {"checkpoint_every": 2, "nonlinearity": "sigmoid"}  # gathered checkpoints, a non-identity f
-    single = tmp_path / "single.safetensors"
-    train_stage(lab_dam_config(lab, single, **SHARDED, **parameters))
+@pytest.fixture(scope="module")
+def single_process(lab, tmp_path_factory):
+    """The coefficients one process learns for SHARDED."""
+    artifact = tmp_path_factory.mktemp("single") / "single.safetensors"
+    train_stage(lab_dam_config(lab, artifact, **SHARDED))
+    return load_file(str(artifact))
+
+
+def test_two_processes_learn_what_one_process_learns(lab, tmp_path, single_process):
     sharded = tmp_path / "sharded.safetensors"
-    config_path = write_config(tmp_path / "dam.yml", lab_dam_config(lab, sharded, **SHARDED, **parameters))
+    config_path = write_config(tmp_path / "dam.yml", lab_dam_config(lab, sharded, **SHARDED))
     result = torchrun(config_path)
     assert result.returncode == 0, result.stderr[-4000:]
-    one, two = load_file(str(single)), load_file(str(sharded))
+    one, two = single_process, load_file(str(sharded))
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4, msg=name)
     assert any(not torch.allclose(t, torch.full_like(t, 0.25)) for t in two.values())  # it trained
     report = json.loads((tmp_path / "sharded.report.json").read_text())
     assert report["processes"] == 2 and len(report["loss_curve"]) == SHARDED["steps"]
-    assert sorted(os.listdir(tmp_path)) == sorted(["dam.yml", "sharded.report.json", "sharded.safetensors", "single.report.json", "single.safetensors"])
+    assert sorted(os.listdir(tmp_path)) == sorted(["dam.yml", "sharded.report.json", "sharded.safetensors"])
 
     # a stock merge applies the sharded run's artifact without training again
     merged = mergekit_yaml(config_path, str(tmp_path / "out"))
@@ -51,11 +59,9 @@ def test_two_processes_learn_what_one_process_learns(lab, tmp_path):
         torch.testing.assert_close(out[name].double(), value, atol=1e-5, rtol=1e-5)
 
 
-def test_two_processes_resume_a_single_process_checkpoint(lab, tmp_path, monkeypatch):
+def test_two_processes_resume_a_single_process_checkpoint(lab, tmp_path, monkeypatch, single_process):
     """Checkpoints hold whole tensors, so a run interrupted in one process can resume sharded."""
-    parameters = {**SHARDED, "checkpoint_every": 2}
-    reference = tmp_path / "reference.safetensors"
-    train_stage(lab_dam_config(lab, reference, **parameters))
+    parameters = SHARDED
 
     artifact = tmp_path / "resumed.safetensors"
     calls = {"count": 0}
@@ -79,15 +85,22 @@ def test_two_processes_resume_a_single_process_checkpoint(lab, tmp_path, monkeyp
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "at step 4 of 6" in result.stderr
-    one, two = load_file(str(reference)), load_file(str(artifact))
+    one, two = single_process, load_file(str(artifact))
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4, msg=name)
     assert not os.path.exists(str(artifact) + ".ckpt")
 
 
-def test_grad_accum_must_split_across_processes(lab, tmp_path):
-    config_path = write_config(tmp_path / "dam.yml", lab_dam_config(lab, tmp_path / "c.safetensors", **{**SHARDED, "grad_accum": 1}))
-    result = torchrun(config_path)
-    assert result.returncode != 0
-    assert "set grad_accum to a multiple of 2" in result.stderr
+def test_grad_accum_must_split_across_processes(lab, tmp_path, monkeypatch):
+    # rank 0 of a 2-process launch: the check comes before the process group is joined
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(DamError, match="set grad_accum to a multiple of 2"):
+        train_stage(lab_dam_config(lab, tmp_path / "c.safetensors", **{**SHARDED, "grad_accum": 1}))
     assert not os.path.exists(tmp_path / "c.safetensors")
+
+
+def test_layerwise_mode_refuses_a_launch(lab, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DamError, match="mode: layerwise runs in one process"):
+        train_stage(lab_dam_config(lab, tmp_path / "c.safetensors", mode="layerwise", max_length=24, samples=8))
