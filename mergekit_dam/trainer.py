@@ -158,14 +158,17 @@ def estimate(job: TrainingJob, dtype: torch.dtype, sequences: int, length: int, 
     layers = getattr(job.out_config, "num_hidden_layers", 0)
     tokens = sequences * length
     per_layer = tokens * hidden * element * 16  # one layer's saved activations
+    outer_sizes = [math.prod(s.shape) for s in job.tensors if ".layers." not in s.name]
+    layer_size = (params - sum(outer_sizes)) // max(1, layers)
     if job.settings.recompute:  # embedding and head merged all along, one layer at a time; layer inputs kept
-        outer = sum(math.prod(s.shape) for s in job.tensors if ".layers." not in s.name)
-        merged = outer + (params - outer) // max(1, layers)
+        merged = sum(outer_sizes) + layer_size
         activations = tokens * hidden * layers * element + per_layer
     else:
         merged, activations = params, per_layer * layers
+    # sharded: this rank's share, plus FSDP's all-gather input, output and unsharded copy of the largest group
+    gathered = 3 * len(job.rows) * max([layer_size, *outer_sizes]) * element if world > 1 else 0
     memory = {
-        "expert_weights": len(job.rows) * params * element // world + (len(job.rows) * merged * element if world > 1 else 0),
+        "expert_weights": len(job.rows) * params * element // world + gathered,
         "merged_weights": merged * element,
         "coefficients_and_adam": trainable * 4 * 4 // world,
         "logits": tokens * vocab * 4 * 4,  # student + teacher fp32, softmax temporaries
@@ -268,9 +271,6 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     experts, train_sets, held_out, pad_id = prepare_data(job)
 
     # model view and coefficients
-    n = len(job.rows)
-    if not math.isfinite(float(NONLINEARITIES[settings.nonlinearity][1](torch.tensor(1.0 / n)))):
-        raise DamError(f"dam: nonlinearity `{settings.nonlinearity}` cannot represent the initial coefficient 1/{n}")
     view = build_view(job, device, dtype, ranks)
     raw = view.raw_parameters()
     trainable = sum(p.numel() for p in raw.values())
@@ -399,6 +399,9 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
 
 
 def build_view(job: TrainingJob, device: torch.device, dtype: torch.dtype, ranks=None, lazy: bool = False) -> MergedModel:
+    n = len(job.rows)
+    if not math.isfinite(float(NONLINEARITIES[job.settings.nonlinearity][1](torch.tensor(1.0 / n)))):
+        raise DamError(f"dam: nonlinearity `{job.settings.nonlinearity}` cannot represent the initial coefficient 1/{n}")
     skeleton = build_skeleton(job.out_config, device, job.trust_remote_code)
     kinds = tensor_kinds(skeleton)
     trained = {spec.name for spec in job.tensors if spec.name in kinds and trains(kinds[spec.name], job.settings)}
