@@ -132,18 +132,20 @@ def test_include_base_and_chat_data(lab, tmp_path):
     assert set(report["held_out_kl"]["final"]) == set(lab["experts"])  # the base has no data
 
 
-def test_tied_embedding_family_trains(families, tmp_path):
+@pytest.mark.parametrize("mode", ["end_to_end", "layerwise"])
+def test_tied_embedding_family_trains(families, tmp_path, mode):
     base, *experts = families["qwen2"]
     data = tmp_path / "d.txt"
     data.write_text("\n".join(f"line {i} of text" for i in range(30)) + "\n")
     config = {
         "merge_method": "dam", "base_model": base, "dtype": "float32",
         "models": [{"model": experts[0], "parameters": {"dataset": str(data)}}, {"model": experts[1]}],
-        "parameters": {"coefficients": str(tmp_path / "c.safetensors"), **FAST},
+        "parameters": {"coefficients": str(tmp_path / "c.safetensors"), **FAST, "mode": mode},
     }
     merge(config, tmp_path / "out")
     tables = load_file(str(tmp_path / "c.safetensors"))
     assert "lm_head.weight" not in tables and "model.layers.0.self_attn.q_proj.bias" in tables
+    assert not torch.allclose(tables["model.embed_tokens.weight"], torch.full_like(tables["model.embed_tokens.weight"], 0.5))
     merged = read_checkpoint(str(tmp_path / "out"))
     expected = expected_merge(experts[:2], tables, experts[:2])
     for name, value in expected.items():
