@@ -73,6 +73,8 @@ class DamSettings(BaseModel):
     # end_to_end: the logit KL through the whole merged model; layerwise: one group at a
     # time on cached hidden states (memory ~ one layer x N experts; see layerwise.py).
     mode: Literal["end_to_end", "layerwise"] = "end_to_end"
+    # >1: mergekit-yaml launches this many training processes with torchrun (FSDP; one per GPU)
+    processes: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _compatible(self):
@@ -80,6 +82,8 @@ class DamSettings(BaseModel):
             raise ValueError("mse_weight needs full expert logits: use teacher: online")
         if self.mode == "layerwise" and self.teacher == "topk":
             raise ValueError("teacher: topk does not apply to mode: layerwise (its last stage takes the experts' logits from cached hidden states); use teacher: online")
+        if self.mode == "layerwise" and self.processes > 1:
+            raise ValueError("mode: layerwise runs in one process; drop `processes` or use mode: end_to_end")
         if self.mode == "layerwise" and self.checkpoint_every:
             raise ValueError("checkpoint_every is not supported with mode: layerwise (its stages are short); drop it")
         return self

@@ -33,7 +33,7 @@ from mergekit_dam.inventory import Inventory, plan_inventory
 LOG = logging.getLogger("mergekit_dam")
 
 # Settings that choose where or how fast training runs, not what it learns.
-NOT_IN_KEY = ("coefficients", "retrain", "train_device", "train_dtype", "checkpoint_every", "recompute")
+NOT_IN_KEY = ("coefficients", "retrain", "train_device", "train_dtype", "checkpoint_every", "recompute", "processes")
 
 
 @dataclass(frozen=True)
@@ -170,8 +170,6 @@ def _show_progress_logs(quiet: bool) -> None:
 
 
 def _train(planner, dam, inventory: Inventory, data, path: Optional[str]) -> str:
-    from mergekit_dam.trainer import TrainingJob, train
-
     skeleton_model = inventory.base or inventory.rows[0]
     options = planner.options
     _show_progress_logs(options.quiet)
@@ -197,38 +195,84 @@ def _train(planner, dam, inventory: Inventory, data, path: Optional[str]) -> str
                 LOG.info("dam: reusing coefficients %s (trained for this exact config; no training)", path)
                 return path
             LOG.info("dam: %s was trained for other models, data or hyperparameters: retraining", path)
-        job = TrainingJob(
-            rows=inventory.row_names,
-            models=list(inventory.rows),
-            tensors=inventory.tensors,
-            data=data,
-            settings=dam.settings,
-            out_config=planner.out_model_config,
-            tokenizer=load_tokenizer(skeleton_model, inventory.rows, planner.config, options.trust_remote_code),
-            trust_remote_code=options.trust_remote_code,
-            quiet=options.quiet,
+        if dam.settings.processes == 1 or distributed.launched():
+            return _train_here(planner, dam, inventory, data, key, path, skeleton_model, main)
+    # outside the lock: the launched processes' rank 0 takes it
+    return _launch(planner, dam.settings, key, path)
+
+
+def _launch(planner, settings: DamSettings, key: str, path: str) -> str:
+    """Train in `settings.processes` processes: torchrun runs `mergekit-dam train` on this
+    config (sharded, see distributed.py); this process then applies what they wrote."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import yaml
+
+    options = planner.options
+    config = planner.config.model_dump(mode="json", exclude_none=True)
+    config["parameters"] = {**(config.get("parameters") or {}), "coefficients": path}
+    flags = (["-q"] if options.quiet else [])
+    train_flags = (["--trust-remote-code"] if options.trust_remote_code else [])
+    for flag, value in (("--transformers-cache", options.transformers_cache), ("--lora-merge-cache", options.lora_merge_cache)):
+        if value:
+            train_flags += [flag, value]
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as folder:
+        config_path = os.path.join(folder, "dam.yml")
+        with open(config_path, "w", encoding="utf-8") as handle:
+            yaml.safe_dump(config, handle, sort_keys=False)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(settings.processes),
+                   "-m", "mergekit_dam.cli", *flags, "train", config_path, *train_flags]
+        LOG.info("dam: training in %d processes: %s", settings.processes, " ".join(command))
+        returncode = subprocess.run(command).returncode
+    if returncode != 0:
+        raise DamError(
+            f"dam: sharded training in {settings.processes} processes failed (exit code {returncode}; its messages are "
+            "above); fix what they report, or train in one process (processes: 1)"
         )
-        result = train(job, key, path)
-        if not main:
-            distributed.barrier()  # rank 0 is writing the artifact
-            return path
-        final = result.report["loss_curve"][-1]["loss"] if result.report["loss_curve"] else None
-        write_artifact(path, result.coefficients, inventory.row_names, {
-            "key": key,
-            "settings": dam.settings.model_dump(exclude={"coefficients", "retrain"}),
-            "datasets": {row: settings.model_dump() for row, settings in data.items()},
-            "steps": result.report["steps"],
-            "loss": final,
-            "held_out_kl": result.report["held_out_kl"],
-            "device": result.report["device"],
-        })
-        report_path = os.path.splitext(path)[0] + ".report.json"
-        with open(report_path + ".tmp", "w", encoding="utf-8") as handle:
-            json.dump(result.report, handle, indent=1)
-        os.replace(report_path + ".tmp", report_path)
-        LOG.info("dam: wrote %s and %s", path, report_path)
-        _TRAINED[key] = path
-        distributed.barrier()
+    if not os.path.exists(path) or open_artifact(path).metadata.get("key") != key:
+        raise DamError(f"dam: the {settings.processes} training processes did not write coefficients for this config at {path}")
+    _TRAINED[key] = path
+    return path
+
+
+def _train_here(planner, dam, inventory: Inventory, data, key: str, path: str, skeleton_model, main: bool) -> str:
+    from mergekit_dam.trainer import TrainingJob, train
+
+    options = planner.options
+    job = TrainingJob(
+        rows=inventory.row_names,
+        models=list(inventory.rows),
+        tensors=inventory.tensors,
+        data=data,
+        settings=dam.settings,
+        out_config=planner.out_model_config,
+        tokenizer=load_tokenizer(skeleton_model, inventory.rows, planner.config, options.trust_remote_code),
+        trust_remote_code=options.trust_remote_code,
+        quiet=options.quiet,
+    )
+    result = train(job, key, path)
+    if not main:
+        distributed.barrier()  # rank 0 is writing the artifact
+        return path
+    final = result.report["loss_curve"][-1]["loss"] if result.report["loss_curve"] else None
+    write_artifact(path, result.coefficients, inventory.row_names, {
+        "key": key,
+        "settings": dam.settings.model_dump(exclude={"coefficients", "retrain"}),
+        "datasets": {row: settings.model_dump() for row, settings in data.items()},
+        "steps": result.report["steps"],
+        "loss": final,
+        "held_out_kl": result.report["held_out_kl"],
+        "device": result.report["device"],
+    })
+    report_path = os.path.splitext(path)[0] + ".report.json"
+    with open(report_path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump(result.report, handle, indent=1)
+    os.replace(report_path + ".tmp", report_path)
+    LOG.info("dam: wrote %s and %s", path, report_path)
+    _TRAINED[key] = path
+    distributed.barrier()
     return path
 
 

@@ -123,6 +123,7 @@ CASES = [
     ("topk with mse", parameters(teacher="topk", mse_weight=1.0), DamError, "mse_weight needs full expert logits"),
     ("layerwise with topk", parameters(mode="layerwise", teacher="topk"), DamError, "teacher: topk does not apply to mode: layerwise"),
     ("layerwise with checkpoints", parameters(mode="layerwise", checkpoint_every=5), DamError, "checkpoint_every is not supported with mode: layerwise"),
+    ("layerwise with processes", parameters(mode="layerwise", processes=2), DamError, "mode: layerwise runs in one process"),
     # models
     ("different architectures", with_model(lambda lab, tmp: small_lab_family(tmp)), RuntimeError, "allow-crimes"),
     ("different hidden sizes", with_model(lambda lab, tmp: small_lab(tmp / "wide", hidden=48, pretrain_steps=1, finetune_steps=1)["experts"][2]), DamError, "different shapes across inputs"),

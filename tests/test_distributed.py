@@ -91,6 +91,20 @@ def test_two_processes_resume_a_single_process_checkpoint(lab, tmp_path, monkeyp
     assert not os.path.exists(str(artifact) + ".ckpt")
 
 
+def test_mergekit_yaml_launches_the_processes_itself(lab, tmp_path, single_process):
+    artifact = tmp_path / "c.safetensors"
+    config_path = write_config(tmp_path / "dam.yml", lab_dam_config(lab, artifact, **SHARDED, processes=2))
+    result = mergekit_yaml(config_path, str(tmp_path / "out"))
+    assert "training in 2 processes" in result.stderr
+    two = load_file(str(artifact))
+    for name in single_process:
+        torch.testing.assert_close(two[name], single_process[name], atol=2e-5, rtol=1e-4, msg=name)
+    assert json.loads((tmp_path / "c.report.json").read_text())["processes"] == 2
+    out = read_checkpoint(str(tmp_path / "out"))
+    for name, value in expected_merge(lab["experts"], two, lab["experts"]).items():
+        torch.testing.assert_close(out[name].double(), value, atol=1e-5, rtol=1e-5)
+
+
 def test_grad_accum_must_split_across_processes(lab, tmp_path, monkeypatch):
     # rank 0 of a 2-process launch: the check comes before the process group is joined
     monkeypatch.setenv("WORLD_SIZE", "2")
