@@ -38,7 +38,7 @@ from mergekit_dam.config import DamError
 from mergekit_dam.data import collate
 from mergekit_dam.trainer import (
     TrainingJob, TrainingResult, _schedule, batch_indices, build_view, peak_memory, prepare_data,
-    resolve_device, resolve_dtype, steps_for,
+    resolve_device, start_run, steps_for,
 )
 from mergekit_dam.view import MergedModel
 
@@ -125,15 +125,15 @@ def train_layerwise(job: TrainingJob) -> TrainingResult:
     if distributed.launched():
         raise DamError("dam: mode: layerwise runs in one process; launch it without torchrun, or use mode: end_to_end")
     device = resolve_device(settings.train_device)
-    dtype = resolve_dtype(settings.train_dtype, device)
-    torch.manual_seed(settings.seed)
-    started = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    dtype, started = start_run(settings, device)
 
     experts, train_sets, held_out, pad_id = prepare_data(job)
-    chunks = {i: [Chunk(train_sets[i][k : k + settings.batch_size], pad_id) for k in range(0, len(train_sets[i]), settings.batch_size)] for i in experts}
-    checks = {i: [Chunk(held_out[i][k : k + settings.batch_size], pad_id) for k in range(0, len(held_out[i]), settings.batch_size)] for i in experts}
+
+    def chunked(sequences) -> List[Chunk]:
+        return [Chunk(sequences[k : k + settings.batch_size], pad_id) for k in range(0, len(sequences), settings.batch_size)]
+
+    chunks = {i: chunked(train_sets[i]) for i in experts}
+    checks = {i: chunked(held_out[i]) for i in experts}
     view = build_view(job, device, dtype, lazy=True)
     layers = len(view.blocks)
     skeleton = view.skeleton

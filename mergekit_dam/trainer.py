@@ -248,6 +248,14 @@ def steps_for(settings: DamSettings, train_sets) -> int:
     return settings.steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
 
 
+def start_run(settings: DamSettings, device: torch.device) -> tuple:
+    """(expert dtype, start time) of a training run: seeds, and zeroes the device's peak memory."""
+    torch.manual_seed(settings.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return resolve_dtype(settings.train_dtype, device), time.perf_counter()
+
+
 def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     settings = job.settings
     if settings.mode == "layerwise":
@@ -262,11 +270,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
         )
     ranks = distributed.setup(settings.train_device)
     device = ranks.device if ranks else resolve_device(settings.train_device)
-    dtype = resolve_dtype(settings.train_dtype, device)
-    torch.manual_seed(settings.seed)
-    started = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    dtype, started = start_run(settings, device)
 
     experts, train_sets, held_out, pad_id = prepare_data(job)
 
