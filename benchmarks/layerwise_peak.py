@@ -28,7 +28,7 @@ from mergekit_dam.config import DamError  # noqa: E402
 from mergekit_dam.tiny import make_tokenizer  # noqa: E402
 
 
-def write_experts(workdir: str, geometry: str, n: int) -> list:
+def write_experts(workdir: str, geometry: str, n: int, device: str) -> list:
     from transformers import AutoModelForCausalLM, MistralConfig
 
     config = MistralConfig(**GEOMETRIES[geometry], max_position_embeddings=4096, tie_word_embeddings=False)
@@ -40,7 +40,8 @@ def write_experts(workdir: str, geometry: str, n: int) -> list:
         if os.path.exists(os.path.join(path, "config.json")):
             continue
         torch.manual_seed(index)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        with torch.device(device):  # random init on the GPU takes seconds, not minutes
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         model.save_pretrained(path, max_shard_size="5GB")
         tokenizer.save_pretrained(path)
         del model
@@ -59,7 +60,7 @@ def main():
     parser.add_argument("--workdir", default="/tmp/dam-layerwise-peak")
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
-    experts = write_experts(args.workdir, args.geometry, args.experts)
+    experts = write_experts(args.workdir, args.geometry, args.experts, args.device)
     data = os.path.join(args.workdir, "data.jsonl")
     with open(data, "w") as handle:
         for index in range(args.samples + 2):  # + the held-out tail
@@ -83,8 +84,12 @@ def main():
             report = json.load(handle)
         results[mode] = {"fits": True, "peak_GiB": report["peak_memory_bytes"] / 2**30, "seconds": report["seconds"],
                          "tokens_per_second": report["tokens_per_second"]}
-        print(f"{mode:12s} peak {results[mode]['peak_GiB']:.2f} GiB, {report['seconds']:.1f} s in all, "
-              f"{report['tokens_per_second']:.0f} tokens/s")
+        estimate = (report.get("estimate") or {}).get("peak_bytes")
+        if estimate:  # the pre-training estimate against what the run measured
+            results[mode].update(estimate_GiB=estimate / 2**30, estimate_over_peak=estimate / report["peak_memory_bytes"])
+        print(f"{mode:12s} peak {results[mode]['peak_GiB']:.2f} GiB"
+              + (f" (estimate {results[mode]['estimate_GiB']:.2f} GiB)" if estimate else "")
+              + f", {report['seconds']:.1f} s in all, {report['tokens_per_second']:.0f} tokens/s")
     with open(os.path.join(args.workdir, "layerwise_peak.json"), "w") as handle:
         json.dump({"geometry": args.geometry, "experts": args.experts, "seq": args.seq, "weights_GiB": size / 2**30, "results": results}, handle, indent=1)
 

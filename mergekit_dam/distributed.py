@@ -71,7 +71,9 @@ def world_size() -> int:
 
 
 def launched() -> bool:
-    return world_size() > 1
+    """Started by torchrun or `accelerate launch`, with any number of processes: a
+    one-process launch takes the sharded (FSDP) code path too, on a world of one."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
 def setup(train_device: str) -> Optional[Ranks]:

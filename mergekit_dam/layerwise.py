@@ -122,7 +122,7 @@ class Chunk:
 
 def train_layerwise(job: TrainingJob) -> TrainingResult:
     settings = job.settings
-    if distributed.launched():
+    if distributed.world_size() > 1:
         raise DamError("dam: mode: layerwise runs in one process; launch it without torchrun, or use mode: end_to_end")
     device = resolve_device(settings.train_device)
     dtype, started = start_run(settings, device)

@@ -20,6 +20,16 @@ from mergekit_dam.tiny import make_family
 BIN = os.path.dirname(sys.executable)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip on a machine without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory (one file or shards)."""
     tensors: Dict[str, torch.Tensor] = {}

@@ -5,6 +5,7 @@ writes is then applied by a stock `mergekit-yaml` merge."""
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,17 +15,17 @@ from mergekit_dam import trainer
 from mergekit_dam.api import train as train_stage
 from mergekit_dam.config import DamError
 
-from conftest import BIN, expected_merge, lab_dam_config, mergekit_yaml, read_checkpoint, write_config
+from conftest import expected_merge, lab_dam_config, mergekit_yaml, read_checkpoint, write_config
 
 # checkpoints (gathered from the shards) and a non-identity f on the coefficients
 SHARDED = {"steps": 6, "lr": 0.02, "max_length": 24, "batch_size": 2, "grad_accum": 2, "samples": 24, "train_device": "cpu",
            "checkpoint_every": 2, "nonlinearity": "sigmoid"}
 
 
-def torchrun(config_path: str, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
+def torchrun(config_path: str, *args: str, processes: int = 2, quiet: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [os.path.join(BIN, "torchrun"), "--standalone", "--nproc-per-node", str(processes),
-         "-m", "mergekit_dam.cli", "-q", "train", config_path, *args],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+         "-m", "mergekit_dam.cli", *(["-q"] if quiet else []), "train", config_path, *args],
         capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
     )
 
@@ -59,6 +60,27 @@ def test_two_processes_learn_what_one_process_learns(lab, tmp_path, single_proce
         torch.testing.assert_close(out[name].double(), value, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_one_process_launch_takes_the_sharded_path(lab, tmp_path, device, single_process, record_property):
+    """torchrun with one process runs FSDP on a world of one (NCCL on a GPU) and learns
+    what the same config learns without a launch on that device."""
+    parameters = {**SHARDED, "train_device": device, "train_dtype": "float32"}
+    if device == "cpu":
+        reference = single_process
+    else:
+        train_stage(lab_dam_config(lab, tmp_path / "plain.safetensors", **parameters))
+        reference = load_file(str(tmp_path / "plain.safetensors"))
+    config_path = write_config(tmp_path / "dam.yml", lab_dam_config(lab, tmp_path / "launched.safetensors", **parameters))
+    result = torchrun(config_path, processes=1, quiet=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "x 1 processes (FSDP)" in result.stderr
+    launched = load_file(str(tmp_path / "launched.safetensors"))
+    assert launched.keys() == reference.keys()
+    record_property("max_abs_diff", max(float((launched[n] - reference[n]).abs().max()) for n in reference))
+    for name in reference:
+        torch.testing.assert_close(launched[name], reference[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
 def test_two_processes_resume_a_single_process_checkpoint(lab, tmp_path, monkeypatch, single_process):
     """Checkpoints hold whole tensors, so a run interrupted in one process can resume sharded."""
     parameters = SHARDED
@@ -80,7 +102,7 @@ def test_two_processes_resume_a_single_process_checkpoint(lab, tmp_path, monkeyp
 
     config_path = write_config(tmp_path / "dam.yml", lab_dam_config(lab, artifact, **parameters))
     result = subprocess.run(
-        [os.path.join(BIN, "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "mergekit_dam.cli", "train", config_path],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mergekit_dam.cli", "train", config_path],
         capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-4000:]

@@ -212,7 +212,7 @@ def test_merge_state_dicts_without_artifact_averages_non_base_inputs():
     torch.testing.assert_close(merged["w"], torch.full((2, 2), 2.0))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("options", [dict(cuda=True), dict(cuda=True, read_to_gpu=True, low_cpu_memory=True), dict(cuda=True, multi_gpu=True)])
 def test_gpu_apply_matches(families, tmp_path, options):
     base, *experts = families["qwen2"]

@@ -31,8 +31,16 @@ def lab_config(lab, artifact, data=True, **parameters):
     return lab_dam_config(lab, artifact, data, **{**FAST, **parameters})
 
 
-def merge(config, out):
-    run_merge(MergeConfiguration.model_validate(config), str(out), MergeOptions(quiet=True))
+def merge(config, out, **options):
+    run_merge(MergeConfiguration.model_validate(config), str(out), MergeOptions(quiet=True, **options))
+
+
+def update_agreement(a, b):
+    """How closely two runs moved the coefficients away from 1/N: the relative error of
+    b's updates against a's, and their cosine, over all tables together."""
+    da = torch.cat([(a[n] - 1 / N).flatten() for n in sorted(a)]).double()
+    db = torch.cat([(b[n] - 1 / N).flatten() for n in sorted(a)]).double()
+    return float((db - da).norm() / da.norm()), float(torch.nn.functional.cosine_similarity(da, db, dim=0))
 
 
 def test_training_lowers_held_out_kl_and_the_merge_applies_it(lab, tmp_path):
@@ -75,9 +83,10 @@ def test_changed_hyperparameter_retrains(lab, tmp_path, caplog):
     assert "trained for other models, data or hyperparameters: retraining" in caplog.text
 
 
-def test_resume_after_interrupt_equals_uninterrupted(lab, tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_resume_after_interrupt_equals_uninterrupted(lab, tmp_path, monkeypatch, device):
     reference = tmp_path / "reference.safetensors"
-    train_stage(lab_config(lab, reference))
+    train_stage(lab_config(lab, reference, train_device=device))
     resumed = tmp_path / "resumed.safetensors"
     save = trainer.save_checkpoint
 
@@ -88,10 +97,10 @@ def test_resume_after_interrupt_equals_uninterrupted(lab, tmp_path, monkeypatch)
 
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train_stage(lab_config(lab, resumed, checkpoint_every=4))
+        train_stage(lab_config(lab, resumed, checkpoint_every=4, train_device=device))
     assert not resumed.exists() and os.path.exists(str(resumed) + ".ckpt")
     monkeypatch.setattr(trainer, "save_checkpoint", save)
-    train_stage(lab_config(lab, resumed, checkpoint_every=4))
+    train_stage(lab_config(lab, resumed, checkpoint_every=4, train_device=device))
     a, b = load_file(str(reference)), load_file(str(resumed))
     assert all(torch.equal(a[name], b[name]) for name in a)
     assert not os.path.exists(str(resumed) + ".ckpt")
@@ -212,3 +221,65 @@ def test_architecture_mismatch_is_rejected(lab, families, tmp_path):
     with pytest.raises(RuntimeError, match="allow-crimes"):
         merge(config, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "c.safetensors").exists()
+
+
+# --- on a CUDA GPU (`pytest -m gpu`; skipped without one) ------------------------------
+
+
+@pytest.fixture(scope="module")
+def cpu_reference(lab, tmp_path_factory):
+    """The float32 CPU run of FAST, online and top-K teachers: what a GPU run is held to."""
+    folder = tmp_path_factory.mktemp("cpu_reference")
+    tables = {}
+    for teacher in ("online", "topk"):
+        train_stage(lab_config(lab, folder / f"{teacher}.safetensors", train_device="cpu", train_dtype="float32", teacher=teacher, topk=32))
+        tables[teacher] = load_file(str(folder / f"{teacher}.safetensors"))
+    return tables
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, teacher, tolerance", [
+    ("float32", "online", 1e-2),
+    ("float32", "topk", 1e-2),
+    # bf16 expert stacks change the models themselves; on CPU bf16 vs float32 gives 0.02
+    ("bfloat16", "online", 0.1),
+])
+def test_gpu_training_learns_what_the_cpu_learns(lab, tmp_path, cpu_reference, dtype, teacher, tolerance, record_property):
+    artifact = tmp_path / "c.safetensors"
+    train_stage(lab_config(lab, artifact, train_device="cuda", train_dtype=dtype, teacher=teacher, topk=32))
+    report = json.loads((tmp_path / "c.report.json").read_text())
+    assert report["device"].startswith("cuda") and report["dtype"] == dtype
+    start, final = report["held_out_kl"]["step_0_linear_average"], report["held_out_kl"]["final"]
+    assert sum(final.values()) < sum(start.values())
+    error, cosine = update_agreement(cpu_reference[teacher], load_file(str(artifact)))
+    record_property("update_relative_error", error)
+    record_property("update_cosine", cosine)
+    assert error < tolerance, (error, cosine)
+
+
+@pytest.mark.gpu
+def test_gpu_default_training_in_bfloat16_then_a_cuda_merge(lab, tmp_path, monkeypatch, record_property):
+    """train_device auto on a GPU machine: bf16 expert stacks, fp32 coefficients; the same
+    config trains to the same coefficients twice; mergekit --cuda applies them exactly."""
+    artifact = tmp_path / "c.safetensors"
+    merge(lab_config(lab, artifact, steps=60), tmp_path / "out", cuda=True)
+    report = json.loads((tmp_path / "c.report.json").read_text())
+    assert report["device"].startswith("cuda") and report["dtype"] == "bfloat16"
+    start, final = report["held_out_kl"]["step_0_linear_average"], report["held_out_kl"]["final"]
+    for expert in lab["experts"]:
+        assert final[expert] < start[expert], (expert, start[expert], final[expert])
+    record_property("held_out_kl", json.dumps({"start": start, "final": final}))
+    record_property("peak_memory_bytes", report["peak_memory_bytes"])
+    record_property("estimated_peak_bytes", report["estimate"]["peak_bytes"])
+    coefficients = load_file(str(artifact))
+    assert all(t.dtype == torch.float32 for t in coefficients.values())
+
+    merged = read_checkpoint(str(tmp_path / "out"))
+    for name, value in expected_merge(lab["experts"], coefficients, lab["experts"]).items():
+        torch.testing.assert_close(merged[name].double(), value, atol=1e-5, rtol=1e-5)
+
+    monkeypatch.setattr(stage, "_TRAINED", {})
+    train_stage(lab_config(lab, tmp_path / "again.safetensors", steps=60))
+    again = load_file(str(tmp_path / "again.safetensors"))
+    record_property("rerun_max_abs_diff", max(float((again[n] - coefficients[n]).abs().max()) for n in coefficients))
+    assert all(torch.equal(coefficients[n], again[n]) for n in coefficients)  # same config + seed, same device
