@@ -15,7 +15,10 @@ Steps, in order:
   train_1b              the real training stage at 1B (layerwise_peak.py): the estimate vs
                         the measured peak, end-to-end vs layer-wise peak
   apply_1b              apply_vs_linear.py --cuda: `dam` vs `linear` on the same ~1B models
-  layerwise_7b          layerwise_peak.py at 7B (writes 42 GB of experts; last, as time allows)
+  layerwise_7b          layerwise_peak.py at 7B (writes 42 GB of experts)
+  profile_1b            the kernel tables of one 1B floor call and one DAM step (torch profiler)
+  train_step_1b_no_recompute   the 1B step with merged weights and activations kept for backward
+  merge_kernels         the merge and its coefficient gradient alone at 7B shapes: eager vs fused
 A step starts only if its minimum time is left before the deadline.
 """
 
@@ -61,6 +64,16 @@ def steps(out: str, smoke: bool) -> list:
     args = tiny if smoke else ["--geometry", "7b", "--device", "cuda"]
     plan.append(("layerwise_7b", [py, os.path.join(HERE, "layerwise_peak.py"), *args, "--samples", "2", "--steps", "2", "--workdir", workdir],
                  os.path.join(workdir, "layerwise_peak.json"), 300, 150))
+    # for the performance work that follows: where a 1B step's time goes, and what recompute costs
+    result = os.path.join(tmp, "profile_1b.json")
+    args = [*tiny, "--warmup", "1", "--repeats", "2"] if smoke else ["--geometry", "1b"]
+    plan.append(("profile_1b", [py, os.path.join(HERE, "gpu_train_step.py"), *args, "--profile", "--json", result], result, 120, 40))
+    result = os.path.join(tmp, "train_step_1b_no_recompute.json")
+    plan.append(("train_step_1b_no_recompute", [py, os.path.join(HERE, "gpu_train_step.py"), *args, "--no-recompute", "--json", result],
+                 result, 120, 40))
+    result = os.path.join(tmp, "merge_kernels.json")
+    args = ["--device", "cpu", "--scale", "64", "--repeats", "3"] if smoke else []
+    plan.append(("merge_kernels", [py, os.path.join(HERE, "merge_kernels.py"), *args, "--json", result], result, 150, 40))
     return plan
 
 

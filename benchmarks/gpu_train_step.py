@@ -3,6 +3,7 @@
     python benchmarks/gpu_train_step.py --geometry 1b   [--teacher online|topk] [--json out.json]
     python benchmarks/gpu_train_step.py --geometry 7b
     python benchmarks/gpu_train_step.py --geometry tiny --device cpu   # numerics/smoke on CPU
+    python benchmarks/gpu_train_step.py --geometry 1b --profile        # + kernel tables (torch profiler)
 
 Experts = one random base + small perturbations, built directly on the device in bf16
 (N experts, batch 1 sequence of `--seq` tokens per expert). The DAM step is the trainer's
@@ -58,6 +59,40 @@ def reset_peak(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
+KERNEL_KINDS = (  # by kernel name, for the share of each kind of work in a step
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "aten::mm", "aten::addmm", "aten::bmm")),
+    ("attention", ("sdpa", "flash", "fmha", "attention")),
+    ("reduction", ("reduce", "sum", "softmax", "norm")),
+)
+
+
+def kernel_table(fn, device, rows: int = 30) -> dict:
+    """One call of `fn` under the torch profiler: the top kernels by time on the device
+    (on CPU: ops by self time), each with its share of the total, and the share of each
+    kind of work (matmul, attention, reduction, other elementwise)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    # on a GPU only the kernels themselves: an aten op's device time repeats its kernels'
+    events = [e for e in prof.key_averages() if not cuda or e.device_type == DeviceType.CUDA]
+    attribute = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = sum(getattr(event, attribute) for event in events)
+    kinds = {}
+    for event in events:
+        lowered = event.key.lower()
+        kind = next((name for name, marks in KERNEL_KINDS if any(mark in lowered for mark in marks)), "other elementwise")
+        kinds[kind] = kinds.get(kind, 0.0) + getattr(event, attribute) / max(total, 1e-9)
+    top = sorted(events, key=lambda event: getattr(event, attribute), reverse=True)[:rows]
+    return {"total_ms": total / 1e3, "kinds": kinds,
+            "top": [{"name": event.key, "ms": getattr(event, attribute) / 1e3, "calls": event.count,
+                     "share": getattr(event, attribute) / max(total, 1e-9)} for event in top]}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--geometry", choices=GEOMETRIES, default="1b")
@@ -69,6 +104,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json")
+    parser.add_argument("--profile", action="store_true", help="add the kernel tables of one floor call and one DAM step")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, MistralConfig
 
@@ -96,6 +132,7 @@ def main():
 
     floor_times = timed(floor, device, args.warmup, args.repeats)
     floor_peak = peak(device)
+    floor_profile = kernel_table(floor, device) if args.profile else None
     base = {name: p.detach().clone() for name, p in plain.named_parameters()}
     del plain
 
@@ -108,6 +145,7 @@ def main():
         stack.add_(torch.randn(stack.shape, generator=generator, device=device, dtype=dtype) * 1e-3)
         stacks[name] = stack
     del base
+    reset_peak(device)  # the peak of training, not of building the stacks from the base's copy
     view = MergedModel(build_skeleton(config, device), stacks, recompute=args.recompute)
     optimizer = torch.optim.AdamW(list(view.raw_parameters().values()), lr=1e-3)
     settings = DamSettings(batch_size=1, teacher=args.teacher, topk=128)
@@ -129,6 +167,7 @@ def main():
 
     dam_times = timed(dam_step, device, args.warmup, args.repeats)
     dam_peak = peak(device)
+    profiles = {"dam": kernel_table(dam_step, device)} if args.profile else None
 
     result = {
         "geometry": args.geometry, "experts": n, "recompute": args.recompute, "seq": seq, "teacher": args.teacher, "device": str(device),
@@ -138,10 +177,17 @@ def main():
         "ratio": statistics.median(dam_times) / statistics.median(floor_times),
         "floor_peak_GiB": floor_peak / 2**30, "dam_peak_GiB": dam_peak / 2**30,
     }
+    if profiles:
+        result["profile"] = {"floor": floor_profile, **profiles}
     print(f"{args.geometry} x{n}, seq {seq}, {args.teacher} teachers on {result['gpu'] or device}")
     print(f"  floor  median {result['floor_s']['median']:.4f} s  (min {result['floor_s']['min']:.4f}, max {result['floor_s']['max']:.4f})  peak {result['floor_peak_GiB']:.2f} GiB")
     print(f"  DAM    median {result['dam_s']['median']:.4f} s  (min {result['dam_s']['min']:.4f}, max {result['dam_s']['max']:.4f})  peak {result['dam_peak_GiB']:.2f} GiB")
     print(f"  ratio  {result['ratio']:.2f}x the floor")
+    for name, table in (result.get("profile") or {}).items():
+        print(f"  {name}: {table['total_ms']:.1f} ms of device time; "
+              + ", ".join(f"{kind} {share:.0%}" for kind, share in sorted(table["kinds"].items(), key=lambda kv: -kv[1])))
+        for row in table["top"][:12]:
+            print(f"    {row['share']:6.1%} {row['ms']:9.2f} ms {row['calls']:6d}x  {row['name'][:90]}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=1)

@@ -1,0 +1,118 @@
+"""The merge and its coefficient gradient alone, at 7B shapes: today's eager kernels
+(view.ColumnMerge) against one fused pass each (torch.compile), and the memory floor.
+
+    python benchmarks/merge_kernels.py [--json out.json]            # on a GPU
+    python benchmarks/merge_kernels.py --device cpu --scale 64       # smoke: shapes / 64
+
+Per weight shape of Mistral-7B, N = 3 bf16 experts, fp32 coefficients:
+  forward   W = sum_i c_i[None, :] * W_i  (bf16 out, fp32 accumulation)
+  backward  dL/dc_i = sum_rows dL/dW * W_i  (fp32 out)
+The floor of each is its bytes (N + 1 bf16 tensors) over the device-to-device copy
+bandwidth measured in the same run. A 7B step with recompute runs the forward twice and
+the backward once per weight; the last line adds that up per step for each version.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from mergekit_dam.view import ColumnMerge, merge_columns
+
+# (rows, columns, tensors per 7B model)
+SHAPES_7B = [(4096, 4096, 64), (1024, 4096, 64), (14336, 4096, 64), (4096, 14336, 32), (32000, 4096, 2)]
+
+
+def fused_forward(coefficients, experts):
+    return (coefficients[:, None, :] * experts.float()).sum(0).to(experts.dtype)
+
+
+def fused_backward(grad, experts):
+    return (grad.float()[None] * experts.float()).sum(1)
+
+
+def eager_backward(coefficients, experts, grad):
+    """ColumnMerge's own backward, as autograd runs it."""
+    class Context:
+        saved_tensors = (coefficients, experts)
+
+    return ColumnMerge.backward(Context(), grad)[0]
+
+
+def median_ms(fn, device, repeats):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device, repeats) -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    source = torch.randn(2**28 // 4 if device.type == "cpu" else 2**30, device=device)
+    target = torch.empty_like(source)
+    ms = median_ms(lambda: target.copy_(source), device, repeats)
+    return 2 * source.numel() * source.element_size() / (ms / 1e3)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--experts", type=int, default=3)
+    parser.add_argument("--scale", type=int, default=1, help="divide every shape by this (smoke runs)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    device, n = torch.device(args.device), args.experts
+    bandwidth = copy_bandwidth(device, args.repeats)
+    forward_c = torch.compile(fused_forward, dynamic=True)
+    backward_c = torch.compile(fused_backward, dynamic=True)
+    rows_out, per_step = [], {"eager": 0.0, "fused": 0.0, "floor": 0.0}
+    generator = torch.Generator(device=device).manual_seed(0)
+    for rows, columns, count in SHAPES_7B:
+        rows, columns = max(8, rows // args.scale), max(8, columns // args.scale)
+        experts = torch.randn(n, rows, columns, device=device, generator=generator).to(torch.bfloat16)
+        coefficients = torch.rand(n, columns, device=device, generator=generator)
+        grad = torch.randn(rows, columns, device=device, generator=generator).to(torch.bfloat16)
+        reference_w = (coefficients.double()[:, None, :] * experts.double()).sum(0)
+        reference_g = (grad.double()[None] * experts.double()).sum(1)
+
+        def error(value, reference):
+            return float((value.double() - reference).norm() / reference.norm())
+
+        row = {"shape": [rows, columns], "per_model": count}
+        row["forward_error"] = {"eager": error(merge_columns(coefficients, experts), reference_w), "fused": error(forward_c(coefficients, experts), reference_w)}
+        row["backward_error"] = {"eager": error(eager_backward(coefficients, experts, grad), reference_g), "fused": error(backward_c(grad, experts), reference_g)}
+        row["forward_ms"] = {"eager": median_ms(lambda: merge_columns(coefficients, experts), device, args.repeats),
+                             "fused": median_ms(lambda: forward_c(coefficients, experts), device, args.repeats)}
+        row["backward_ms"] = {"eager": median_ms(lambda: eager_backward(coefficients, experts, grad), device, args.repeats),
+                              "fused": median_ms(lambda: backward_c(grad, experts), device, args.repeats)}
+        floor = (n + 1) * rows * columns * 2 / bandwidth * 1e3
+        row["floor_ms"] = floor
+        for version in ("eager", "fused"):
+            per_step[version] += count * (2 * row["forward_ms"][version] + row["backward_ms"][version])
+        per_step["floor"] += count * 3 * floor
+        rows_out.append(row)
+        print(f"{rows:6d} x {columns:6d}  forward eager {row['forward_ms']['eager']:7.3f} ms  fused {row['forward_ms']['fused']:7.3f}"
+              f"  | backward eager {row['backward_ms']['eager']:7.3f}  fused {row['backward_ms']['fused']:7.3f}  | floor {floor:7.3f} ms"
+              f"  | errors fwd {row['forward_error']['fused']:.1e} bwd {row['backward_error']['fused']:.1e}", flush=True)
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; per 7B step with recompute (2 merges + 1 gradient per weight): "
+          f"eager {per_step['eager']:.0f} ms, fused {per_step['fused']:.0f} ms, floor {per_step['floor']:.0f} ms")
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "experts": n, "scale": args.scale,
+              "copy_bandwidth_TBps": bandwidth / 1e12, "shapes": rows_out, "per_7b_step_ms": per_step}
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
