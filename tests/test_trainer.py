@@ -141,15 +141,16 @@ def test_include_base_and_chat_data(lab, tmp_path):
     assert set(report["held_out_kl"]["final"]) == set(lab["experts"])  # the base has no data
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("mode", ["end_to_end", "layerwise"])
-def test_tied_embedding_family_trains(families, tmp_path, mode):
+def test_tied_embedding_family_trains(families, tmp_path, mode, device):
     base, *experts = families["qwen2"]
     data = tmp_path / "d.txt"
     data.write_text("\n".join(f"line {i} of text" for i in range(30)) + "\n")
     config = {
         "merge_method": "dam", "base_model": base, "dtype": "float32",
         "models": [{"model": experts[0], "parameters": {"dataset": str(data)}}, {"model": experts[1]}],
-        "parameters": {"coefficients": str(tmp_path / "c.safetensors"), **FAST, "mode": mode},
+        "parameters": {"coefficients": str(tmp_path / "c.safetensors"), **FAST, "mode": mode, "train_device": device},
     }
     merge(config, tmp_path / "out")
     tables = load_file(str(tmp_path / "c.safetensors"))
