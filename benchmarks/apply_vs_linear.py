@@ -20,7 +20,7 @@ from mergekit.merge import MergeOptions, run_merge
 from safetensors import safe_open
 
 import mergekit_dam  # noqa: F401  registers dam
-from mergekit_dam.artifact import write_artifact
+from mergekit_dam.plugin.artifact import write_artifact
 
 
 def build(workdir, hidden, layers, vocab):

@@ -87,8 +87,9 @@ def environment() -> dict:
         props = torch.cuda.get_device_properties(0)
         facts.update(gpu=props.name, gpu_memory_GiB=props.total_memory / 2**30, multiprocessors=props.multi_processor_count)
     try:
-        import mergekit_dam  # noqa: F401  the installed plugin, not only the source tree
         from importlib.metadata import version
+
+        import mergekit_dam  # noqa: F401  the installed plugin, not only the source tree
 
         facts["mergekit"] = version("mergekit")
     except Exception as error:  # reported, not fatal: the steps will say what fails

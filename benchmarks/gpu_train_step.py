@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from mergekit_dam.config import DamSettings
-from mergekit_dam.trainer import micro_batch_loss
-from mergekit_dam.view import MergedModel, build_skeleton
+from mergekit_dam.plugin.config import DamSettings
+from mergekit_dam.training.trainer import micro_batch_loss
+from mergekit_dam.training.view import MergedModel, build_skeleton
 
 GEOMETRIES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=512),

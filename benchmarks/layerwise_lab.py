@@ -13,9 +13,9 @@ import argparse
 import json
 import os
 
-from mergekit_dam.compare import Suite, score
-from mergekit_dam.demo import _mergekit_yaml, merge_configs
-from mergekit_dam.lab import SKILLS, build
+from mergekit_dam.tools.compare import Suite, score
+from mergekit_dam.tools.demo import _mergekit_yaml, merge_configs
+from mergekit_dam.tools.lab import SKILLS, build
 
 
 def main():

@@ -20,12 +20,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_train_step import GEOMETRIES  # noqa: E402
-
 from mergekit.merge import MergeOptions  # noqa: E402
 
 from mergekit_dam.api import train  # noqa: E402
-from mergekit_dam.config import DamError  # noqa: E402
-from mergekit_dam.tiny import make_tokenizer  # noqa: E402
+from mergekit_dam.plugin.config import DamError  # noqa: E402
+from mergekit_dam.tools.tiny import make_tokenizer  # noqa: E402
 
 
 def write_experts(workdir: str, geometry: str, n: int, device: str) -> list:

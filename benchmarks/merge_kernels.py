@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from mergekit_dam.view import ColumnMerge, merge_columns
+from mergekit_dam.kernels import ColumnMerge, merge_stack
 
 # (rows, columns, tensors per 7B model)
 SHAPES_7B = [(4096, 4096, 64), (1024, 4096, 64), (14336, 4096, 64), (4096, 14336, 32), (32000, 4096, 2)]
@@ -90,9 +90,9 @@ def main():
             return float((value.double() - reference).norm() / reference.norm())
 
         row = {"shape": [rows, columns], "per_model": count}
-        row["forward_error"] = {"eager": error(merge_columns(coefficients, experts), reference_w), "fused": error(forward_c(coefficients, experts), reference_w)}
+        row["forward_error"] = {"eager": error(merge_stack(coefficients, experts), reference_w), "fused": error(forward_c(coefficients, experts), reference_w)}
         row["backward_error"] = {"eager": error(eager_backward(coefficients, experts, grad), reference_g), "fused": error(backward_c(grad, experts), reference_g)}
-        row["forward_ms"] = {"eager": median_ms(lambda: merge_columns(coefficients, experts), device, args.repeats),
+        row["forward_ms"] = {"eager": median_ms(lambda: merge_stack(coefficients, experts), device, args.repeats),
                              "fused": median_ms(lambda: forward_c(coefficients, experts), device, args.repeats)}
         row["backward_ms"] = {"eager": median_ms(lambda: eager_backward(coefficients, experts, grad), device, args.repeats),
                               "fused": median_ms(lambda: backward_c(grad, experts), device, args.repeats)}

@@ -30,8 +30,8 @@ def status() -> dict:
 def worker(config_path: str, out_json: str) -> None:
     from mergekit.merge import MergeOptions
 
-    from mergekit_dam import distributed
     from mergekit_dam.api import train
+    from mergekit_dam.training import distributed
 
     before = status()
     train(config_path, MergeOptions(quiet=True))
@@ -55,7 +55,7 @@ def main():
 
     import yaml
 
-    from mergekit_dam.tiny import make_family
+    from mergekit_dam.tools.tiny import make_family
 
     rows = []
     for hidden in args.hidden:

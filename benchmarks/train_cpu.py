@@ -15,7 +15,7 @@ import tempfile
 from mergekit.merge import MergeOptions
 
 from mergekit_dam.api import train
-from mergekit_dam.tiny import make_family
+from mergekit_dam.tools.tiny import make_family
 
 
 def main():

@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 import yaml
 
-from mergekit_dam.config import DamError
+from mergekit_dam.plugin.config import DamError
 
 
 def load_config(config: Union[str, dict, object]):

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from mergekit_dam.config import DamError
+from mergekit_dam.plugin.config import DamError
 
 
 def main(argv=None) -> int:
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
         if args.command == "demo":
-            from mergekit_dam.demo import run_demo
+            from mergekit_dam.tools.demo import run_demo
 
             run_demo(args.workdir, quiet=args.quiet)
         elif args.command == "train":
@@ -55,21 +55,25 @@ def main(argv=None) -> int:
                 transformers_cache=args.transformers_cache,
                 lora_merge_cache=args.lora_merge_cache,
             )
-            from mergekit_dam import distributed
+            from mergekit_dam.training import distributed
 
             source = train_stage(args.config, options, out=args.out)
             if distributed.is_main():
                 print(source.artifact_path or "no datasets configured: equal coefficients 1/N, nothing to train")
             distributed.shutdown()
         elif args.command == "lab":
-            from mergekit_dam.lab import build
+            from mergekit_dam.tools.lab import build
 
             manifest = build(args.dir, progress=not args.quiet)
             print(json.dumps(manifest, indent=1))
         elif args.command == "compare":
             run_compare(args)
         elif args.command == "inspect":
-            from mergekit_dam.inspect_artifact import report, summarize, text_summary
+            from mergekit_dam.tools.inspect_artifact import (
+                report,
+                summarize,
+                text_summary,
+            )
 
             outputs = report(args.artifact, args.out)
             print(text_summary(summarize(args.artifact)))
@@ -93,7 +97,7 @@ def _pairs(values, what):
 def run_compare(args) -> None:
     import os
 
-    from mergekit_dam.compare import Suite, markdown, score, write_outputs
+    from mergekit_dam.tools.compare import Suite, markdown, score, write_outputs
 
     if args.lab:
         with open(os.path.join(args.lab, "lab.json"), encoding="utf-8") as handle:

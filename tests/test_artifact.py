@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergekit_dam.artifact import FORMAT, Artifact, open_artifact, write_artifact
-from mergekit_dam.config import DamError
-from mergekit_dam.inventory import TensorSpec
+from mergekit_dam.plugin.artifact import FORMAT, Artifact, open_artifact, write_artifact
+from mergekit_dam.plugin.config import DamError
+from mergekit_dam.plugin.inventory import TensorSpec
 
 MODELS = ["org/a", "org/b"]
 

@@ -7,16 +7,15 @@ import shutil
 
 import pytest
 import torch
+from conftest import lab_dam_config, read_checkpoint, small_lab
 from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
 from safetensors.torch import load_file, save_file
 
-from mergekit_dam import trainer
-from mergekit_dam.artifact import write_artifact
-from mergekit_dam.config import DamError
-from mergekit_dam.tiny import make_config, make_tokenizer, save_model
-
-from conftest import lab_dam_config, read_checkpoint, small_lab
+from mergekit_dam.plugin.artifact import write_artifact
+from mergekit_dam.plugin.config import DamError
+from mergekit_dam.tools.tiny import make_config, make_tokenizer, save_model
+from mergekit_dam.training import trainer
 
 FAST = {"steps": 4, "max_length": 24, "batch_size": 2, "samples": 16}
 
@@ -151,7 +150,7 @@ CASES = [
 
 
 def small_lab_family(tmp):
-    from mergekit_dam.tiny import make_family
+    from mergekit_dam.tools.tiny import make_family
 
     return make_family(str(tmp / "qwen"), "qwen2", experts=1, hidden=32)[1]
 

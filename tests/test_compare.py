@@ -7,7 +7,14 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergekit_dam.compare import Scorer, Suite, kl_to, markdown, score, write_outputs
+from mergekit_dam.tools.compare import (
+    Scorer,
+    Suite,
+    kl_to,
+    markdown,
+    score,
+    write_outputs,
+)
 
 
 def _write(path, records):

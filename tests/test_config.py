@@ -1,7 +1,12 @@
 import pytest
 from mergekit.config import MergeConfiguration
 
-from mergekit_dam.config import DamError, DamSettings, check_merge_config, parse_settings
+from mergekit_dam.plugin.config import (
+    DamError,
+    DamSettings,
+    check_merge_config,
+    parse_settings,
+)
 
 
 def normalised(config: dict) -> MergeConfiguration:
@@ -79,8 +84,8 @@ def test_lab_example_configs_match_the_demo():
 
     import yaml
 
-    from mergekit_dam.demo import merge_configs
-    from mergekit_dam.lab import SKILLS
+    from mergekit_dam.tools.demo import merge_configs
+    from mergekit_dam.tools.lab import SKILLS
 
     root = "dam-lab"
     manifest = {"base": f"{root}/base", "skills": {

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from mergekit_dam.config import DamError, ModelSettings
-from mergekit_dam.data import collate, tokenize
-from mergekit_dam.tiny import make_tokenizer
+from mergekit_dam.plugin.config import DamError, ModelSettings
+from mergekit_dam.tools.tiny import make_tokenizer
+from mergekit_dam.training.data import collate, tokenize
 
 CHAT = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
 

@@ -1,9 +1,9 @@
 import os
 
-from mergekit_dam.demo import run_demo
-from mergekit_dam.lab import SKILLS
-
 from conftest import SMALL_LAB
+
+from mergekit_dam.tools.demo import run_demo
+from mergekit_dam.tools.lab import SKILLS
 
 
 def test_demo_runs_five_merges_through_mergekit_yaml_and_compares(tmp_path):

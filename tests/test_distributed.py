@@ -9,13 +9,18 @@ import sys
 
 import pytest
 import torch
+from conftest import (
+    expected_merge,
+    lab_dam_config,
+    mergekit_yaml,
+    read_checkpoint,
+    write_config,
+)
 from safetensors.torch import load_file
 
-from mergekit_dam import trainer
 from mergekit_dam.api import train as train_stage
-from mergekit_dam.config import DamError
-
-from conftest import expected_merge, lab_dam_config, mergekit_yaml, read_checkpoint, write_config
+from mergekit_dam.plugin.config import DamError
+from mergekit_dam.training import trainer
 
 # checkpoints (gathered from the shards) and a non-identity f on the coefficients
 SHARDED = {"steps": 6, "lr": 0.02, "max_length": 24, "batch_size": 2, "grad_accum": 2, "samples": 24, "train_device": "cpu",

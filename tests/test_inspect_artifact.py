@@ -1,8 +1,13 @@
 import torch
 
-from mergekit_dam.artifact import write_artifact
 from mergekit_dam.cli import main as cli
-from mergekit_dam.inspect_artifact import module_of, report, summarize, text_summary
+from mergekit_dam.plugin.artifact import write_artifact
+from mergekit_dam.tools.inspect_artifact import (
+    module_of,
+    report,
+    summarize,
+    text_summary,
+)
 
 
 def test_module_names():

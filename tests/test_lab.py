@@ -1,10 +1,9 @@
 import json
 
 import torch
-
-from mergekit_dam.lab import SKILLS, Recipe, build, skill_generators, split_of
-
 from conftest import read_checkpoint
+
+from mergekit_dam.tools.lab import SKILLS, Recipe, build, skill_generators, split_of
 
 TINY = Recipe(hidden=16, layers=1, pretrain_steps=3, finetune_steps=3, batch=4, calibration=8, validation=4, held_out=4)
 

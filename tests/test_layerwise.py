@@ -5,14 +5,24 @@ import json
 
 import pytest
 import torch
+from conftest import (
+    expected_merge,
+    lab_dam_config,
+    mergekit_yaml,
+    read_checkpoint,
+    write_config,
+)
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mergekit_dam.api import train as train_stage
-from mergekit_dam.layerwise import embedding_output, final_logits, layer_output, relative_error
-from mergekit_dam.view import MergedModel, build_skeleton, stack_experts
-
-from conftest import expected_merge, lab_dam_config, mergekit_yaml, read_checkpoint, write_config
+from mergekit_dam.training.layerwise import (
+    embedding_output,
+    final_logits,
+    layer_output,
+    relative_error,
+)
+from mergekit_dam.training.view import MergedModel, build_skeleton, stack_experts
 
 FAST = {"steps": 25, "lr": 0.02, "max_length": 24, "batch_size": 4, "samples": 40, "train_device": "cpu"}
 

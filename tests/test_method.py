@@ -5,14 +5,19 @@ import os
 
 import pytest
 import torch
+from conftest import (
+    dam_config,
+    expected_merge,
+    mergekit_yaml,
+    read_checkpoint,
+    write_config,
+)
 from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
 from mergekit.merge_methods import merge_state_dicts
 
-from mergekit_dam.artifact import write_artifact
-from mergekit_dam.config import DamError
-
-from conftest import dam_config, expected_merge, mergekit_yaml, read_checkpoint, write_config
+from mergekit_dam.plugin.artifact import write_artifact
+from mergekit_dam.plugin.config import DamError
 
 
 def random_artifact(path, models, rows=None, seed=0, drop=None, widen=None):

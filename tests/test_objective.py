@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from mergekit_dam.config import DamSettings
-from mergekit_dam.objective import (
+from mergekit_dam.plugin.config import DamSettings
+from mergekit_dam.training.objective import (
     coefficient_norms,
     cosine_similarity,
     entropy,

@@ -9,12 +9,11 @@ import sys
 import time
 
 import torch
+from conftest import BIN, lab_dam_config, write_config
 from safetensors.torch import load_file, save_file
 
 from mergekit_dam.api import train
-from mergekit_dam.artifact import Artifact
-
-from conftest import BIN, lab_dam_config, write_config
+from mergekit_dam.plugin.artifact import Artifact
 
 FAST = {"max_length": 24, "batch_size": 2, "samples": 16, "seed": 0}
 
@@ -56,7 +55,7 @@ def test_sigkill_during_training_resumes_to_the_same_coefficients(lab, tmp_path)
 
 WRITER = """
 import sys, torch
-from mergekit_dam.artifact import write_artifact
+from mergekit_dam.plugin.artifact import write_artifact
 path, rows = sys.argv[1], ["a", "b"]
 versions = [{f"t{i}": torch.full((2, 4096), float(v)) for i in range(64)} for v in (1, 2)]
 write_artifact(path, versions[0], rows)
@@ -108,7 +107,7 @@ def test_stale_artifact_is_never_applied_after_inputs_change(lab, tmp_path, capl
     data = [shutil.copy(d, tmp_path / f"data{i}.jsonl") for i, d in enumerate(lab["data"])]
     local = {"base": lab["base"], "experts": [str(e) for e in experts], "data": [str(d) for d in data]}
     artifact = tmp_path / "c.safetensors"
-    from mergekit_dam import stage
+    from mergekit_dam.plugin import stage
 
     def retrains(**parameters) -> bool:
         stage._TRAINED.clear()  # as a new process would

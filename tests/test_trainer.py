@@ -8,18 +8,24 @@ import shutil
 
 import pytest
 import torch
+from conftest import (
+    expected_merge,
+    lab_dam_config,
+    read_checkpoint,
+    small_lab,
+    write_config,
+)
 from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
 from safetensors.torch import load_file
 
-from mergekit_dam import stage, trainer
 from mergekit_dam.api import train as train_stage
 from mergekit_dam.cli import main as cli
-from mergekit_dam.config import DamError
-from mergekit_dam.lab import SKILLS
-from mergekit_dam.tiny import make_tokenizer
-
-from conftest import expected_merge, lab_dam_config, read_checkpoint, small_lab, write_config
+from mergekit_dam.plugin import stage
+from mergekit_dam.plugin.config import DamError
+from mergekit_dam.tools.lab import SKILLS
+from mergekit_dam.tools.tiny import make_tokenizer
+from mergekit_dam.training import trainer
 
 FAST = {"steps": 12, "lr": 0.02, "max_length": 24, "batch_size": 4, "samples": 40}
 

@@ -3,11 +3,12 @@ weights built with plain autograd, run through the transformers model itself."""
 
 import pytest
 import torch
+from conftest import read_checkpoint
 from torch.func import functional_call
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import read_checkpoint
-from mergekit_dam.view import ColumnMerge, MergedModel, build_skeleton, merge_columns, stack_experts
+from mergekit_dam.kernels import ColumnMerge, merge_stack
+from mergekit_dam.training.view import MergedModel, build_skeleton, stack_experts
 
 
 def test_column_merge_gradient_matches_autograd():
@@ -19,10 +20,10 @@ def test_column_merge_gradient_matches_autograd():
     torch.autograd.gradcheck(lambda c: ColumnMerge.apply(c, bias_stack), (c,))
 
 
-def test_merge_columns_keeps_the_stack_dtype_and_accumulates_in_float32():
+def test_merge_stack_keeps_the_stack_dtype_and_accumulates_in_float32():
     stack = torch.randn(3, 8, 8).bfloat16()
     c = torch.rand(3, 8)
-    result = merge_columns(c, stack)
+    result = merge_stack(c, stack)
     assert result.dtype == torch.bfloat16
     expected = sum(stack[i].float() * c[i] for i in range(3))
     torch.testing.assert_close(result, expected.bfloat16())

@@ -35,6 +35,13 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
+from mergekit.architecture import arch_info_for_config, get_architecture_info
+from mergekit.architecture.auto import infer_architecture_info
+from mergekit.common import ModelReference
+from mergekit.config import MergeConfiguration
+from mergekit.io import LazyTensorLoader
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
 from safetensors.torch import save_file
 from transformers import (
     AutoConfig,
@@ -50,14 +57,6 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
-
-from mergekit.architecture import arch_info_for_config, get_architecture_info
-from mergekit.architecture.auto import infer_architecture_info
-from mergekit.common import ModelReference
-from mergekit.config import MergeConfiguration
-from mergekit.io import LazyTensorLoader
-from mergekit.merge import run_merge
-from mergekit.options import MergeOptions
 
 PathLike = Union[str, os.PathLike]
 

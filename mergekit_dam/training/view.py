@@ -11,9 +11,8 @@ merged weights only when the layer runs, so one layer's merged copy exists at a 
 with `recompute` the block is also activation-checkpointed, so backward rebuilds the
 layer's weights instead of keeping them.
 
-`ColumnMerge` builds a merged weight without keeping anything but the coefficients for
-backward (the expert stack is persistent anyway); its backward reduces dL/dW into
-dL/dc_i = sum over rows of dL/dW * W_i.
+Merged weights come from `kernels.ColumnMerge`, which keeps nothing for backward but the
+coefficients and the (persistent) expert stack.
 """
 
 from __future__ import annotations
@@ -24,7 +23,8 @@ import torch
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from mergekit_dam.config import DamError
+from mergekit_dam.kernels import ColumnMerge, merge_stack
+from mergekit_dam.plugin.config import DamError
 
 NONLINEARITIES = {  # f and its inverse (for the initial value f(raw) = 1/N)
     "none": (lambda x: x.clone(), lambda y: y),  # clone: FSDP frees the gathered parameter after forward
@@ -32,32 +32,6 @@ NONLINEARITIES = {  # f and its inverse (for the initial value f(raw) = 1/N)
     "sigmoid": (torch.sigmoid, torch.logit),
     "relu": (torch.relu, lambda y: y),
 }
-
-
-def merge_columns(coefficients: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """sum_i coefficients[i] (over the last axis) * experts[i], accumulated in float32,
-    returned in the experts' dtype."""
-    result = experts[0] * coefficients[0]  # promotes low-precision experts to float32
-    for index in range(1, experts.shape[0]):
-        result.addcmul_(experts[index], coefficients[index])
-    return result.to(experts.dtype)
-
-
-class ColumnMerge(torch.autograd.Function):
-    """W = merge_columns(c, stack) with dL/dc from dL/dW and the frozen stack."""
-
-    @staticmethod
-    def forward(ctx, coefficients: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(coefficients, experts)
-        return merge_columns(coefficients.detach(), experts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        coefficients, experts = ctx.saved_tensors
-        grad = grad.to(torch.promote_types(grad.dtype, coefficients.dtype))  # reduce in >= float32
-        rows = tuple(range(grad.ndim - 1))  # every axis but the column axis
-        per_expert = [(grad * experts[index]).sum(dim=rows) if rows else grad * experts[index] for index in range(experts.shape[0])]
-        return torch.stack(per_expert).to(coefficients.dtype), None
 
 
 def tensor_kinds(skeleton: torch.nn.Module) -> Dict[str, str]:
@@ -148,7 +122,7 @@ class TensorGroup(torch.nn.Module):
             if table.requires_grad:
                 weights[name], tables[full_name] = ColumnMerge.apply(table, stack), table
             else:
-                weights[name] = merge_columns(table, stack)
+                weights[name] = merge_stack(table, stack)
         return weights, tables
 
 

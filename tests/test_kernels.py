@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mergekit_dam.apply import combine
+from mergekit_dam.kernels import combine
 
 
 @pytest.mark.parametrize("shape", [(5, 7), (7,), (2, 3, 4)])

@@ -23,11 +23,16 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from mergekit_dam import stage
-from mergekit_dam.apply import combine
-from mergekit_dam.artifact import open_artifact
-from mergekit_dam.config import SHARED_NAMES, DamError, DamSettings, parameter_fields
-from mergekit_dam.inventory import merge_rows
+from mergekit_dam.kernels import combine
+from mergekit_dam.plugin import stage
+from mergekit_dam.plugin.artifact import open_artifact
+from mergekit_dam.plugin.config import (
+    SHARED_NAMES,
+    DamError,
+    DamSettings,
+    parameter_fields,
+)
+from mergekit_dam.plugin.inventory import merge_rows
 
 
 def _spec() -> MergeMethodSpec:

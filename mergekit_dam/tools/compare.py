@@ -21,8 +21,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from mergekit_dam.data import collate
-from mergekit_dam.objective import kl_divergence
+from mergekit_dam.training.data import collate
+from mergekit_dam.training.objective import kl_divergence
 
 
 @dataclass

@@ -13,7 +13,7 @@ import os
 import re
 from typing import Dict, Optional
 
-from mergekit_dam.artifact import open_artifact
+from mergekit_dam.plugin.artifact import open_artifact
 
 LAYER = re.compile(r"^(?P<prefix>.*?\.layers\.)(?P<index>\d+)\.(?P<rest>.+)$")
 

@@ -19,11 +19,17 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from mergekit_dam import distributed, objective
-from mergekit_dam.config import DamError, DamSettings, ModelSettings
-from mergekit_dam.data import collate, tokenize
-from mergekit_dam.inventory import TensorSpec
-from mergekit_dam.view import NONLINEARITIES, MergedModel, build_skeleton, stack_experts, tensor_kinds
+from mergekit_dam.plugin.config import DamError, DamSettings, ModelSettings
+from mergekit_dam.plugin.inventory import TensorSpec
+from mergekit_dam.training import distributed, objective
+from mergekit_dam.training.data import collate, tokenize
+from mergekit_dam.training.view import (
+    NONLINEARITIES,
+    MergedModel,
+    build_skeleton,
+    stack_experts,
+    tensor_kinds,
+)
 
 LOG = logging.getLogger("mergekit_dam")
 HELD_OUT_MAX = 32  # sequences per expert kept aside for the report's held-out KL
@@ -102,7 +108,7 @@ def _checkpoint_path(artifact_path: str) -> str:
 
 def save_checkpoint(path: str, key: str, step: int, raw: Dict[str, torch.nn.Parameter], optimizer, history: list) -> None:
     """Whole tensors (gathered from the ranks when sharded), written by rank 0."""
-    from mergekit_dam.artifact import atomic_save
+    from mergekit_dam.plugin.artifact import atomic_save
 
     tensors = {f"raw/{name}": distributed.full(p.detach()) for name, p in raw.items()}
     for name, p in raw.items():
@@ -208,9 +214,9 @@ class ExpertStacks(Mapping):
     input checkpoints when asked for (the view asks once per tensor, group by group)."""
 
     def __init__(self, job: TrainingJob, device: torch.device, dtype: torch.dtype):
-        from mergekit.io.tasks import LoaderCache
+        from mergekit_dam.plugin.host import tensor_loader
 
-        self.loaders = [LoaderCache().get(model) for model in job.models]
+        self.loaders = [tensor_loader(model) for model in job.models]
         self.specs = {spec.name: spec for spec in job.tensors}
         self.device, self.dtype = device, dtype
 
@@ -259,7 +265,7 @@ def start_run(settings: DamSettings, device: torch.device) -> tuple:
 def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     settings = job.settings
     if settings.mode == "layerwise":
-        from mergekit_dam.layerwise import train_layerwise
+        from mergekit_dam.training.layerwise import train_layerwise
 
         return train_layerwise(job)
     world = distributed.world_size()

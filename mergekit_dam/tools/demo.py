@@ -20,7 +20,7 @@ from typing import Dict
 import torch
 import yaml
 
-from mergekit_dam.lab import SKILLS, build
+from mergekit_dam.tools.lab import SKILLS, build
 
 # DAM hyperparameters for the lab, chosen on the validation split (BENCHMARKS.md).
 DAM_LAB_SETTINGS = {"steps": 400, "lr": 0.03, "batch_size": 16, "max_length": 32, "samples": 256,
@@ -82,7 +82,7 @@ def check_dam_output(merged_dir: str, experts, artifact: str) -> float:
 
 
 def run_demo(workdir: str, quiet: bool = False, recipe=None) -> Dict[str, object]:
-    from mergekit_dam.compare import Suite, score, write_outputs
+    from mergekit_dam.tools.compare import Suite, score, write_outputs
 
     os.makedirs(workdir, exist_ok=True)
     manifest = build(os.path.join(workdir, "lab"), **({"recipe": recipe} if recipe else {}), progress=not quiet)

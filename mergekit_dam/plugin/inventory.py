@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from mergekit_dam.config import DamError
+from mergekit_dam.plugin.config import DamError
 
 
 @dataclass(frozen=True)

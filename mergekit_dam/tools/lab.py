@@ -26,7 +26,8 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from mergekit_dam.tiny import make_config, make_tokenizer, save_model
+from mergekit_dam.atomic import atomic_write_text
+from mergekit_dam.tools.tiny import make_config, make_tokenizer, save_model
 
 SKILLS = ("arithmetic", "shift", "translate", "brackets")
 SPLITS = ("train", "validation", "held_out")
@@ -134,7 +135,7 @@ def general_text(generator: torch.Generator, count: int) -> List[str]:
 
 
 def _lm_steps(model, tokenizer, texts_fn: Callable[[], List[str]], steps: int, lr: float) -> None:
-    from mergekit_dam.data import collate
+    from mergekit_dam.training.data import collate
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)  # linear decay
@@ -202,7 +203,5 @@ def build(root: str, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
         manifest["skills"][skill] = {"expert": save_model(expert, os.path.join(root, f"expert_{skill}"), tokenizer), **files}
         bar.update()
     bar.close()
-    with open(manifest_path + ".tmp", "w", encoding="utf-8") as handle:
-        json.dump(manifest, handle, indent=1)
-    os.replace(manifest_path + ".tmp", manifest_path)
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
     return manifest

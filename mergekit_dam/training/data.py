@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
-from mergekit_dam.config import DamError, ModelSettings, resolve_path
+from mergekit_dam.plugin.config import DamError, ModelSettings, resolve_path
 
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 PAIR_FIELDS = (("prompt", "response"), ("prompt", "completion"))

@@ -33,14 +33,22 @@ from typing import Dict, List, Optional
 
 import torch
 
-from mergekit_dam import distributed, objective
-from mergekit_dam.config import DamError
-from mergekit_dam.data import collate
-from mergekit_dam.trainer import (
-    TrainingJob, TrainingResult, _schedule, batch_indices, build_view, peak_memory, prepare_data,
-    resolve_device, start_run, steps_for,
+from mergekit_dam.plugin.config import DamError
+from mergekit_dam.training import distributed, objective
+from mergekit_dam.training.data import collate
+from mergekit_dam.training.trainer import (
+    TrainingJob,
+    TrainingResult,
+    _schedule,
+    batch_indices,
+    build_view,
+    peak_memory,
+    prepare_data,
+    resolve_device,
+    start_run,
+    steps_for,
 )
-from mergekit_dam.view import MergedModel
+from mergekit_dam.training.view import MergedModel
 
 LOG = logging.getLogger("mergekit_dam")
 

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from mergekit_dam.config import DamError
+from mergekit_dam.plugin.config import DamError
 
 
 @dataclass

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from mergekit_dam.config import DamError
+from mergekit_dam.atomic import atomic_write
+from mergekit_dam.plugin.config import DamError
 
 FORMAT = "mergekit-dam/1"
 
@@ -58,22 +58,11 @@ def write_artifact(
 
 
 def atomic_save(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    """safetensors.save_file to a temp file in the same directory, fsync, rename."""
+    """A safetensors file, written atomically."""
     from safetensors.torch import save_file
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(prefix=".dam-", suffix=".tmp", dir=directory)
-    os.close(handle)
-    try:
-        save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, temp_path, metadata=dict(metadata))
-        with open(temp_path, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.unlink(temp_path)
-        raise
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    atomic_write(path, lambda temp_path: save_file(tensors, temp_path, metadata=dict(metadata)))
 
 
 class Artifact:

@@ -24,11 +24,18 @@ import threading
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
-from mergekit_dam import distributed
-from mergekit_dam.artifact import open_artifact, versions, write_artifact
-from mergekit_dam.config import DamError, DamSettings, ModelSettings, check_merge_config, resolve_path
-from mergekit_dam.data import is_local
-from mergekit_dam.inventory import Inventory, plan_inventory
+from mergekit_dam.atomic import atomic_write_text
+from mergekit_dam.plugin.artifact import open_artifact, versions, write_artifact
+from mergekit_dam.plugin.config import (
+    DamError,
+    DamSettings,
+    ModelSettings,
+    check_merge_config,
+    resolve_path,
+)
+from mergekit_dam.plugin.inventory import Inventory, plan_inventory
+from mergekit_dam.training import distributed
+from mergekit_dam.training.data import is_local
 
 LOG = logging.getLogger("mergekit_dam")
 
@@ -238,7 +245,7 @@ def _launch(planner, settings: DamSettings, key: str, path: str) -> str:
 
 
 def _train_here(planner, dam, inventory: Inventory, data, key: str, path: str, skeleton_model, main: bool) -> str:
-    from mergekit_dam.trainer import TrainingJob, train
+    from mergekit_dam.training.trainer import TrainingJob, train
 
     options = planner.options
     job = TrainingJob(
@@ -267,9 +274,7 @@ def _train_here(planner, dam, inventory: Inventory, data, key: str, path: str, s
         "device": result.report["device"],
     })
     report_path = os.path.splitext(path)[0] + ".report.json"
-    with open(report_path + ".tmp", "w", encoding="utf-8") as handle:
-        json.dump(result.report, handle, indent=1)
-    os.replace(report_path + ".tmp", report_path)
+    atomic_write_text(report_path, json.dumps(result.report, indent=1))
     LOG.info("dam: wrote %s and %s", path, report_path)
     _TRAINED[key] = path
     distributed.barrier()

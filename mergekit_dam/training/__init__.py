@@ -1,0 +1,1 @@
+"""The training engine: learns the coefficients of one merge (see trainer.py)."""
