@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from mergekit_dam.plugin.artifact import write_artifact
 from mergekit_dam.plugin.config import DamError
 from mergekit_dam.tools.tiny import make_config, make_tokenizer, save_model
-from mergekit_dam.training import trainer
+from mergekit_dam.training.modes import end_to_end
 
 FAST = {"steps": 4, "max_length": 24, "batch_size": 2, "samples": 16}
 
@@ -176,7 +176,7 @@ def test_bad_input_is_reported_and_nothing_is_written(lab, tmp_path, name, build
 
 
 def test_memory_estimate_above_the_device_stops_before_training(lab, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer, "available_memory", lambda device: 1024)
+    monkeypatch.setattr(end_to_end, "available_memory", lambda device: 1024)
     with pytest.raises(DamError, match=r"training needs about .* GiB on cpu but 0.0 GiB is available; lower max_length"):
         run(config_for(lab, tmp_path), tmp_path)
     assert not (tmp_path / "out").exists() and not (tmp_path / "c.safetensors").exists()

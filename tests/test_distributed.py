@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from mergekit_dam.api import train as train_stage
 from mergekit_dam.plugin.config import DamError
-from mergekit_dam.training import trainer
+from mergekit_dam.training.modes import end_to_end
 
 # checkpoints (gathered from the shards) and a non-identity f on the coefficients
 SHARDED = {"steps": 6, "lr": 0.02, "max_length": 24, "batch_size": 2, "grad_accum": 2, "samples": 24, "train_device": "cpu",
@@ -92,7 +92,7 @@ def test_two_processes_resume_a_single_process_checkpoint(lab, tmp_path, monkeyp
 
     artifact = tmp_path / "resumed.safetensors"
     calls = {"count": 0}
-    original = trainer.micro_batch_loss
+    original = end_to_end.micro_batch_loss
 
     def interrupted(*args, **kwargs):
         calls["count"] += 1
@@ -100,7 +100,7 @@ def test_two_processes_resume_a_single_process_checkpoint(lab, tmp_path, monkeyp
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "micro_batch_loss", interrupted)
+    monkeypatch.setattr(end_to_end, "micro_batch_loss", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train_stage(lab_dam_config(lab, artifact, **parameters))
     assert os.path.exists(str(artifact) + ".ckpt") and not artifact.exists()

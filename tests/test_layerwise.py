@@ -16,12 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mergekit_dam.api import train as train_stage
-from mergekit_dam.training.layerwise import (
-    embedding_output,
-    final_logits,
-    layer_output,
-    relative_error,
-)
+from mergekit_dam.training.modes.layerwise import relative_error
 from mergekit_dam.training.view import MergedModel, build_skeleton, stack_experts
 
 FAST = {"steps": 25, "lr": 0.02, "max_length": 24, "batch_size": 4, "samples": 40, "train_device": "cpu"}
@@ -38,11 +33,11 @@ def test_stitched_layers_reproduce_the_model(arch, families):
     mask[1, 6:] = 0
     for index, expert in enumerate(experts):
         embed = view.groups["embed"](index)[0]
-        hidden = embedding_output(view, input_ids, mask, embed)
+        hidden = view.embedding_output(input_ids, mask, embed)
         for b in range(len(view.blocks) - 1):
-            hidden = layer_output(view, index, b, hidden, mask)[0]
+            hidden = view.layer_output(b, index, hidden, mask)[0]
         outer = {**view.groups["head"](index)[0], **(embed if arch == "qwen2" else {})}
-        logits = final_logits(view, index, hidden, mask, outer)[0]
+        logits = view.final_logits(index, hidden, mask, outer)[0]
         reference = AutoModelForCausalLM.from_pretrained(expert).eval()(input_ids=input_ids, attention_mask=mask).logits
         torch.testing.assert_close(logits[mask.bool()], reference[mask.bool()], atol=1e-5, rtol=1e-5)
 

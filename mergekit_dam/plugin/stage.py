@@ -245,7 +245,7 @@ def _launch(planner, settings: DamSettings, key: str, path: str) -> str:
 
 
 def _train_here(planner, dam, inventory: Inventory, data, key: str, path: str, skeleton_model, main: bool) -> str:
-    from mergekit_dam.training.trainer import TrainingJob, train
+    from mergekit_dam.training import TrainingJob, train
 
     options = planner.options
     job = TrainingJob(
@@ -263,18 +263,19 @@ def _train_here(planner, dam, inventory: Inventory, data, key: str, path: str, s
     if not main:
         distributed.barrier()  # rank 0 is writing the artifact
         return path
-    final = result.report["loss_curve"][-1]["loss"] if result.report["loss_curve"] else None
+    report = result.report
+    final = report.loss_curve[-1]["loss"] if report.loss_curve else None
     write_artifact(path, result.coefficients, inventory.row_names, {
         "key": key,
         "settings": dam.settings.model_dump(exclude={"coefficients", "retrain"}),
         "datasets": {row: settings.model_dump() for row, settings in data.items()},
-        "steps": result.report["steps"],
+        "steps": report.steps,
         "loss": final,
-        "held_out_kl": result.report["held_out_kl"],
-        "device": result.report["device"],
+        "held_out_kl": report.held_out_kl,
+        "device": report.device,
     })
     report_path = os.path.splitext(path)[0] + ".report.json"
-    atomic_write_text(report_path, json.dumps(result.report, indent=1))
+    atomic_write_text(report_path, json.dumps(report.to_dict(), indent=1))
     LOG.info("dam: wrote %s and %s", path, report_path)
     _TRAINED[key] = path
     distributed.barrier()

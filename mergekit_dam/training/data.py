@@ -1,4 +1,4 @@
-"""Each expert's calibration data: load, render to text, tokenise, batch.
+"""Each expert's calibration data: load, render to text, tokenise, split, batch, order.
 
 A model's `dataset` is a local file (.jsonl/.json/.parquet/.csv/.txt) or a Hugging Face
 dataset id (with `dataset_config`, `dataset_split`), loaded with `datasets`. Records
@@ -12,7 +12,10 @@ Shuffled with the seed, the first `samples` kept, truncated to `max_length` toke
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
@@ -21,6 +24,7 @@ from mergekit_dam.plugin.config import DamError, ModelSettings, resolve_path
 
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 PAIR_FIELDS = (("prompt", "response"), ("prompt", "completion"))
+LOG = logging.getLogger("mergekit_dam")
 
 
 def is_local(dataset: str) -> bool:
@@ -110,3 +114,78 @@ def collate(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = False)
         input_ids[row, span] = torch.tensor(sequence, dtype=torch.long)
         mask[row, span] = 1
     return input_ids, mask
+
+
+# --- what training reads: each expert's split, batches, and their order ---------------
+
+HELD_OUT_MAX = 32  # sequences per expert kept aside for the report's held-out KL
+
+
+@dataclass
+class Batch:
+    """`sequences` (indices into one expert's set) padded together: ids and mask on CPU."""
+
+    sequences: List[int]
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def of(cls, dataset: Sequence[Sequence[int]], sequences: Sequence[int], pad_id: int) -> "Batch":
+        ids, mask = collate([dataset[k] for k in sequences], pad_id)
+        return cls(list(sequences), ids, mask)
+
+    def rows(self, begin: int, end: int, device) -> "Batch":
+        """Rows [begin, end) on `device`."""
+        return Batch(self.sequences[begin:end], self.ids[begin:end].to(device), self.mask[begin:end].to(device))
+
+
+@dataclass
+class ExpertData:
+    """The experts with data (row indices, in row order), their training and held-out
+    token sequences, and the padding id."""
+
+    experts: List[int]
+    train: Dict[int, List[List[int]]]
+    held_out: Dict[int, List[List[int]]]
+    pad_id: int
+
+    def chunks(self, split: str, size: int) -> Dict[int, List[Batch]]:
+        """Each expert's `split` ("train" or "held_out") in consecutive batches of `size`."""
+        sets = self.train if split == "train" else self.held_out
+        return {i: [Batch.of(sets[i], range(k, min(k + size, len(sets[i]))), self.pad_id) for k in range(0, len(sets[i]), size)]
+                for i in self.experts}
+
+    def steps(self, settings) -> int:
+        """`steps`, or `epochs` passes over the largest expert's training set."""
+        steps_per_epoch = math.ceil(max(len(s) for s in self.train.values()) / settings.batch_size / settings.grad_accum)
+        return settings.steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
+
+
+def prepare_data(job) -> ExpertData:
+    """Tokenise every expert's data; the last 10% of each shuffled set (at least 1, at
+    most HELD_OUT_MAX) is held out for the report."""
+    settings = job.settings
+    pad_id = job.tokenizer.pad_token_id if job.tokenizer.pad_token_id is not None else (job.tokenizer.eos_token_id or 0)
+    experts = [index for index, row in enumerate(job.rows) if row in job.data]
+    train, held_out = {}, {}
+    for index in experts:
+        row = job.rows[index]
+        sequences = tokenize(job.data[row], job.tokenizer, row, samples=settings.samples, max_length=settings.max_length, seed=settings.seed)
+        keep = max(1, min(HELD_OUT_MAX, len(sequences) // 10)) if len(sequences) >= 2 else 0
+        train[index] = sequences[: len(sequences) - keep] if keep else sequences
+        held_out[index] = sequences[len(sequences) - keep :] if keep else sequences
+        if not keep:
+            LOG.warning("dam: %s has a single example; its held-out KL is measured on training data", row)
+    return ExpertData(experts, train, held_out, pad_id)
+
+
+def batch_indices(count: int, batch_size: int, micro_step: int, seed: int, salt: int) -> List[int]:
+    """The sequences of one expert in micro-batch `micro_step`: consecutive slices of
+    per-epoch permutations, each permutation a pure function of (seed, salt, epoch), so
+    a resumed run sees the data an uninterrupted one would."""
+    indices = []
+    for position in range(micro_step * batch_size, (micro_step + 1) * batch_size):
+        epoch, offset = divmod(position, count)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + salt * 7919 + epoch)
+        indices.append(int(torch.randperm(count, generator=generator)[offset]))
+    return indices

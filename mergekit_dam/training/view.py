@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mergekit_dam.kernels import ColumnMerge, merge_stack
 from mergekit_dam.plugin.config import DamError
+from mergekit_dam.training.distributed import full
 
 NONLINEARITIES = {  # f and its inverse (for the initial value f(raw) = 1/N)
     "none": (lambda x: x.clone(), lambda y: y),  # clone: FSDP frees the gathered parameter after forward
@@ -109,12 +110,9 @@ class TensorGroup(torch.nn.Module):
         self.coefficients = coefficients
         self.copy_experts = False  # FSDP: an expert's slice must outlive the gathered stack
 
-    def forward(self, selection) -> tuple:
+    def forward(self, selection: Optional[int]) -> tuple:
         """(weights by name, effective tables of the trained tensors by full name): merged
-        weights for selection None, expert `selection`'s own weights for an index; for
-        "tables", no weights and the effective tables of every tensor."""
-        if selection == "tables":
-            return {}, dict(zip(self.full_names, self.coefficients()))
+        weights for selection None, expert `selection`'s own weights for an index."""
         if selection is not None:
             return {n: s[selection].clone() if self.copy_experts else s[selection] for n, s in zip(self.names, self.stacks)}, {}
         weights, tables = {}, {}
@@ -125,9 +123,22 @@ class TensorGroup(torch.nn.Module):
                 weights[name] = merge_stack(table, stack)
         return weights, tables
 
+    def tables(self) -> Dict[str, torch.Tensor]:
+        """Effective coefficients [N, D] of every tensor by full name, whole (gathered
+        from the ranks when sharded), detached, float32, on CPU."""
+        coefficients = self.coefficients
+        raw = iter(coefficients.raw)
+        result = {}
+        with torch.no_grad():
+            for slot, (name, trained) in enumerate(zip(self.full_names, coefficients.trained)):
+                table = coefficients.function(full(next(raw))) if trained else getattr(coefficients, f"fixed{slot}")
+                result[name] = table.detach().float().cpu()
+        return result
+
 
 class MergedBlock(torch.nn.Module):
-    """Decoder layer `index` of the skeleton, computing with its group's weights."""
+    """Decoder layer `index` of the skeleton. In a forward of the view it does what that
+    forward's plan says (see `_Plan`); otherwise it is the stock layer."""
 
     def __init__(self, layer: torch.nn.Module, index: int, view: "MergedModel"):
         super().__init__()
@@ -142,11 +153,7 @@ class MergedBlock(torch.nn.Module):
             return getattr(self._modules["layer"], name)
 
     def forward(self, hidden_states, *args, **kwargs):
-        if self.view.intercept is not None:
-            return self.view.intercept(self, hidden_states, args, kwargs)
-        output, tables = self.run(self.view.selection, hidden_states, *args, **kwargs)
-        self.view.collected.update(tables)
-        return output
+        return self.view._plan.block(self, hidden_states, args, kwargs)
 
     def run(self, selection: Optional[int], hidden_states, *args, **kwargs) -> tuple:
         """(layer output, trained tables) with merged (None) or expert `selection` weights."""
@@ -159,6 +166,27 @@ class MergedBlock(torch.nn.Module):
         if self.view.recompute and selection is None and torch.is_grad_enabled():
             return checkpoint(compute, hidden_states, *args, use_reentrant=False, **kwargs)
         return compute(hidden_states, *args, **kwargs)
+
+
+class _Plan:
+    """What each decoder layer does in one forward of the stock model, and the trained
+    tables the layers that ran produced. Layers in `run` (all when None) compute with
+    `selection`'s weights; `inputs` replaces the hidden states entering a layer; every
+    other layer passes its input through, recording it and its arguments in `seen`."""
+
+    def __init__(self, selection: Optional[int] = None, run: Optional[Set[int]] = None, inputs: Optional[Dict[int, torch.Tensor]] = None):
+        self.selection, self.run, self.inputs = selection, run, inputs or {}
+        self.tables: Dict[str, torch.Tensor] = {}
+        self.seen: Dict[int, tuple] = {}
+
+    def block(self, block: MergedBlock, hidden, args, kwargs):
+        hidden = self.inputs.get(block.index, hidden)
+        if self.run is not None and block.index not in self.run:
+            self.seen[block.index] = (hidden, args, kwargs)
+            return hidden
+        output, tables = block.run(self.selection, hidden, *args, **kwargs)
+        self.tables.update(tables)
+        return output
 
 
 class MergedModel(torch.nn.Module):
@@ -201,11 +229,10 @@ class MergedModel(torch.nn.Module):
         self.kinds = tensor_kinds(skeleton)
         trained = set(stacks) if trained is None else set(trained)
         self.recompute = recompute
-        self.selection: Optional[int] = None
-        self.intercept: Optional[Callable] = None  # see layerwise.py
-        self.collected: Dict[str, torch.Tensor] = {}
+        self._plan = _Plan()  # the plan of the forward in progress (every layer runs merged outside one)
 
         prefix, layers = decoder_layers(skeleton)
+        self.decoder_prefix, self.layers_name = prefix.rsplit(".", 1)  # the module that runs the layers (e.g. "model"), and their list
         embedding = skeleton.get_input_embeddings()
         embed_prefix = next(name for name, module in skeleton.named_modules() if module is embedding)
         members: Dict[str, List[str]] = {"embed": []}
@@ -259,29 +286,66 @@ class MergedModel(torch.nn.Module):
             tables.update(t)
         return weights, tables
 
-    def forward(self, selection: Optional[int], input_ids, attention_mask, weights=None, inputs_embeds=None) -> tuple:
+    def forward(self, selection: Optional[int], input_ids, attention_mask) -> tuple:
         """(logits, trained tables by full name) of the merged model (selection None) or
-        expert `selection`. `weights`: outer (embedding, head) weights to use instead of
-        the groups'; `inputs_embeds` instead of `input_ids` (see layerwise.py)."""
-        self.selection, self.collected = selection, {}
-        try:
-            if weights is None:
-                weights, tables = self.outer_weights(selection)
-            else:
-                tables = {}
-            inputs = dict(input_ids=input_ids) if inputs_embeds is None else dict(inputs_embeds=inputs_embeds)
-            output = functional_call(
-                self.skeleton, weights, args=(), kwargs=dict(**inputs, attention_mask=attention_mask, use_cache=False),
-            )
-            return output.logits, {**tables, **self.collected}
-        finally:
-            self.selection, self.collected = None, {}
+        of expert `selection`."""
+        weights, tables = self.outer_weights(selection)
+        logits, plan = self._run(_Plan(selection), weights, attention_mask, input_ids=input_ids)
+        return logits, {**tables, **plan.tables}
 
     def merged_logits(self, input_ids, attention_mask) -> tuple:
         return self(None, input_ids, attention_mask)
 
     def expert_logits(self, index: int, input_ids, attention_mask) -> torch.Tensor:
         return self(index, input_ids, attention_mask)[0]
+
+    # --- one layer at a time (layerwise.py) ----------------------------------------------
+    # Every layer runs through the stock model's forward, which builds its masks and
+    # position embeddings; layers outside the plan pass their input through.
+
+    def embedding_output(self, input_ids, attention_mask, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The hidden states entering layer 0, from the input embedding in `weights`."""
+        plan = self._run(_Plan(run=set()), weights, attention_mask, decoder_only=True, input_ids=input_ids)[1]
+        return plan.seen[0][0]
+
+    def layer_output(self, index: int, selection: Optional[int], hidden, attention_mask) -> tuple:
+        """(output of layer `index` for input `hidden`, its trained tables)."""
+        plan = self._run(_Plan(run=set()), {}, attention_mask, decoder_only=True, inputs_embeds=torch.zeros_like(hidden))[1]
+        _, args, kwargs = plan.seen[index]
+        return self.blocks[index].run(selection, hidden, *args, **kwargs)
+
+    def final_logits(self, selection: Optional[int], hidden, attention_mask, weights: Mapping[str, torch.Tensor]) -> tuple:
+        """(logits, trained tables of the last layer) from the hidden states entering the
+        last layer, with the head (and tied embedding) weights in `weights`."""
+        last = len(self.blocks) - 1
+        logits, plan = self._run(_Plan(selection, run={last}, inputs={last: hidden}), weights, attention_mask,
+                                 inputs_embeds=torch.zeros_like(hidden))
+        return logits, plan.tables
+
+    def _run(self, plan: _Plan, weights, attention_mask, decoder_only: bool = False, **inputs) -> tuple:
+        """(logits, plan) of one forward of the stock model under `plan`; `decoder_only`:
+        the decoder without the head (no logits), when only the layers' inputs matter."""
+        module, names = self.skeleton, dict(weights)
+        if decoder_only:
+            module = self.skeleton.get_submodule(self.decoder_prefix)
+            start = len(self.decoder_prefix) + 1
+            names = {name[start:]: weight for name, weight in names.items() if name.startswith(self.decoder_prefix + ".")}
+            names = {**self._placeholders(module, names), **names}
+        self._plan = plan
+        try:
+            output = functional_call(module, names, args=(), kwargs=dict(**inputs, attention_mask=attention_mask, use_cache=False))
+        finally:
+            self._plan = _Plan()
+        return (None if decoder_only else output.logits), plan
+
+    def _placeholders(self, decoder: torch.nn.Module, given) -> Dict[str, torch.Tensor]:
+        """Zeros for the decoder's own 1-D weights (its final norm) that a run without the
+        head does not provide: the layers' outputs never pass through them."""
+        if not hasattr(self, "_zeros"):
+            device = next((b.device for b in self.skeleton.buffers()), torch.device("cpu"))
+            self._zeros = {name: torch.zeros(p.shape, device=device) for name, p in decoder.named_parameters()
+                           if p.ndim <= 1 and ".layers." not in f".{name}" and not name.startswith(self.layers_name)}
+        return {name: zeros for name, zeros in self._zeros.items() if name not in given}
 
     # --- coefficients ---------------------------------------------------------------
 
@@ -297,12 +361,7 @@ class MergedModel(torch.nn.Module):
 
     def tables(self) -> Dict[str, torch.Tensor]:
         """Effective coefficients [N, D] of every tensor, detached, float32, on CPU."""
-        result = {}
-        with torch.no_grad():
-            for group in self.groups.values():
-                for name, table in group("tables")[1].items():  # through forward: FSDP gathers the group
-                    result[name] = table.detach().float().cpu()
-        return result
+        return {name: table for group in self.groups.values() for name, table in group.tables().items()}
 
 
 def stack_experts(tensors, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,64 @@
+"""Training checkpoints (safetensors, no pickle): the raw coefficients, AdamW's moments
+and the loss history, whole tensors (gathered from the ranks when sharded), written by
+rank 0 next to the artifact (`<artifact>.ckpt`) and valid only for the same training key."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Dict
+
+import torch
+
+from mergekit_dam.plugin.artifact import atomic_save
+from mergekit_dam.training import distributed
+
+LOG = logging.getLogger("mergekit_dam")
+
+
+def checkpoint_path(artifact_path: str) -> str:
+    return artifact_path + ".ckpt"
+
+
+def save_checkpoint(path: str, key: str, step: int, raw: Dict[str, torch.nn.Parameter], optimizer, history: list) -> None:
+    """Whole tensors (gathered from the ranks when sharded), written by rank 0."""
+
+    tensors = {f"raw/{name}": distributed.full(p.detach()) for name, p in raw.items()}
+    for name, p in raw.items():
+        state = optimizer.state.get(p, {})
+        for slot in ("exp_avg", "exp_avg_sq"):
+            if slot in state:
+                tensors[f"{slot}/{name}"] = distributed.full(state[slot])
+    adam_steps = {name: float(optimizer.state[p]["step"]) for name, p in raw.items() if p in optimizer.state}
+    if distributed.is_main():
+        atomic_save(path, tensors, {"key": key, "step": str(step), "history": json.dumps(history), "adam_steps": json.dumps(adam_steps)})
+
+
+def load_checkpoint(path: str, key: str, raw: Dict[str, torch.nn.Parameter], optimizer):
+    """(step, history) of a checkpoint for this exact training key, or None."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.exists(path):
+        return None
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("key") != key:
+                return None
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError):
+        LOG.warning("dam: ignoring unreadable training checkpoint %s", path)
+        return None
+    adam_steps = json.loads(metadata["adam_steps"])
+    with torch.no_grad():
+        for name, p in raw.items():
+            p.copy_(distributed.like(p, tensors[f"raw/{name}"]))
+            if f"exp_avg/{name}" in tensors:
+                optimizer.state[p] = {
+                    "step": torch.tensor(adam_steps[name]),
+                    "exp_avg": distributed.like(p, tensors[f"exp_avg/{name}"]),
+                    "exp_avg_sq": distributed.like(p, tensors[f"exp_avg_sq/{name}"]),
+                }
+    return int(metadata["step"]), json.loads(metadata["history"])
+

@@ -1,0 +1,42 @@
+"""The estimate logged before training: peak memory per process and work per step,
+from the shapes alone, so a run that cannot fit stops before it starts."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def estimate(job, dtype: torch.dtype, sequences: int, length: int, trainable: int, world: int = 1) -> dict:
+    """Peak memory (bytes, per process) and work (FLOPs per step, all processes) of one
+    training step, from the shapes. Sharded over `world` processes, each keeps 1/world
+    of the experts and coefficients plus one layer's experts gathered, and runs
+    1/world of the micro-batches."""
+    params = sum(math.prod(spec.shape) for spec in job.tensors)
+    element = torch.finfo(dtype).bits // 8
+    vocab = job.out_config.vocab_size
+    hidden = getattr(job.out_config, "hidden_size", 0)
+    layers = getattr(job.out_config, "num_hidden_layers", 0)
+    tokens = sequences * length
+    per_layer = tokens * hidden * element * 16  # one layer's saved activations
+    outer_sizes = [math.prod(s.shape) for s in job.tensors if ".layers." not in s.name]
+    layer_size = (params - sum(outer_sizes)) // max(1, layers)
+    if job.settings.recompute:  # embedding and head merged all along, one layer at a time; layer inputs kept
+        merged = sum(outer_sizes) + layer_size
+        activations = tokens * hidden * layers * element + per_layer
+    else:
+        merged, activations = params, per_layer * layers
+    # sharded: this rank's share, plus FSDP's all-gather input, output and unsharded copy of the largest group
+    gathered = 3 * len(job.rows) * max([layer_size, *outer_sizes]) * element if world > 1 else 0
+    memory = {
+        "expert_weights": len(job.rows) * params * element // world + gathered,
+        "merged_weights": merged * element,
+        "coefficients_and_adam": trainable * 4 * 4 // world,
+        "logits": tokens * vocab * 4 * 4,  # student + teacher fp32, softmax temporaries
+        "activations": activations,
+    }
+    flops = 2 * params * tokens * 3 + 2 * params * tokens  # merged fwd+bwd, teachers fwd
+    return {"memory_bytes": memory, "peak_bytes": sum(memory.values()), "flops_per_step": flops}
+
+

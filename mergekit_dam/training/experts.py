@@ -1,0 +1,63 @@
+"""The experts on the training device: their weights stacked per tensor ([N, *shape] in
+the training dtype, read from the input checkpoints group by group) and the merged-model
+view built over them, with the coefficients that train."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+
+from mergekit_dam.plugin.config import DamError, DamSettings
+from mergekit_dam.plugin.host import tensor_loader
+from mergekit_dam.training.view import (
+    NONLINEARITIES,
+    MergedModel,
+    build_skeleton,
+    stack_experts,
+    tensor_kinds,
+)
+
+
+class ExpertStacks(Mapping):
+    """Tensor name -> [N, *shape] expert stack in `dtype` on `device`, read from the
+    input checkpoints when asked for (the view asks once per tensor, group by group)."""
+
+    def __init__(self, job, device: torch.device, dtype: torch.dtype):
+        self.loaders = [tensor_loader(model) for model in job.models]
+        self.specs = {spec.name: spec for spec in job.tensors}
+        self.device, self.dtype = device, dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        sources = self.specs[name].sources
+        return stack_experts((loader.get_tensor(source, device="cpu") for loader, source in zip(self.loaders, sources)), self.device, self.dtype)
+
+    def __iter__(self):
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+
+def trains(kind: str, settings: DamSettings) -> bool:
+    """Whether a tensor of this kind (view.tensor_kinds) learns coefficients."""
+    return kind == "linear" or (kind == "embedding" and settings.train_embeddings) or (kind == "norm" and settings.train_norms)
+
+
+def build_view(job, device: torch.device, dtype: torch.dtype, ranks=None, lazy: bool = False) -> MergedModel:
+    """The merged-model view of the job's experts; sharded (each group an FSDP unit,
+    the view the root) when `ranks` is given; `lazy`: no group loaded yet."""
+    n = len(job.rows)
+    if not math.isfinite(float(NONLINEARITIES[job.settings.nonlinearity][1](torch.tensor(1.0 / n)))):
+        raise DamError(f"dam: nonlinearity `{job.settings.nonlinearity}` cannot represent the initial coefficient 1/{n}")
+    skeleton = build_skeleton(job.out_config, device, job.trust_remote_code)
+    kinds = tensor_kinds(skeleton)
+    trained = {spec.name for spec in job.tensors if spec.name in kinds and trains(kinds[spec.name], job.settings)}
+    view = MergedModel(
+        skeleton, ExpertStacks(job, device, dtype), trained, job.settings.nonlinearity, job.settings.recompute,
+        shard=ranks.shard if ranks else None, lazy=lazy,
+    )
+    if ranks:
+        ranks.root(view)
+    return view

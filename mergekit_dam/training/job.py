@@ -1,0 +1,55 @@
+"""What the training engine is given (a job, resolved from a mergekit config by the
+plugin's stage) and what it returns (coefficients and a report)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from mergekit_dam.plugin.config import DamSettings, ModelSettings
+from mergekit_dam.plugin.inventory import TensorSpec
+
+
+@dataclass
+class TrainingJob:
+    """Everything training needs, resolved from a mergekit config by stage.py."""
+
+    rows: List[str]  # artifact row order
+    models: List[object]  # ModelReference per row
+    tensors: Sequence[TensorSpec]
+    data: Dict[str, ModelSettings]  # rows with a dataset
+    settings: DamSettings
+    out_config: object  # transformers config of the output model (the skeleton)
+    tokenizer: object
+    trust_remote_code: bool = False
+    quiet: bool = False
+
+
+@dataclass
+class TrainingReport:
+    """The training report: written next to the artifact as `<artifact>.report.json`."""
+
+    mode: str
+    steps: int  # optimizer steps (per stage in layer-wise mode)
+    device: str
+    processes: int
+    dtype: str  # of the expert stacks
+    seconds: float
+    tokens_per_second: float
+    peak_memory_bytes: int
+    trainable_coefficients: int
+    held_out_kl: Dict[str, Dict[str, float]]  # {"step_0_linear_average": {row: KL}, "final": {row: KL}}
+    loss_curve: List[dict]  # per step: step, loss, kl per expert (and stage, in layer-wise mode)
+    stages: int = 1
+    estimate: Optional[dict] = None  # the pre-training estimate (end-to-end mode)
+
+    def to_dict(self) -> dict:
+        return {name: value for name, value in asdict(self).items() if value is not None}
+
+
+@dataclass
+class TrainingResult:
+    coefficients: Dict[str, torch.Tensor]  # effective [N, D] per tensor
+    report: TrainingReport = field(default=None)

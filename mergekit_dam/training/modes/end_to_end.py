@@ -1,0 +1,173 @@
+"""`mode: end_to_end`: the temperature KL to each expert's logits, through the whole
+merged model, one stage. One optimizer step = `grad_accum` micro-batches; a micro-batch
+holds `batch_size` sequences of every expert that has data, all through ONE merged
+forward. Expert i's logits come from the teacher (teachers.py). Sharded (torchrun), the
+micro-batches are split across the ranks (distributed.py). Data order is a function of
+(seed, step), so a run resumed from a checkpoint ends exactly where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Dict, List, Sequence
+
+from tqdm.auto import tqdm
+
+from mergekit_dam.plugin.config import DamError
+from mergekit_dam.training import distributed, objective
+from mergekit_dam.training.checkpoint import (
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+)
+from mergekit_dam.training.data import (
+    Batch,
+    ExpertData,
+    batch_indices,
+    collate,
+    prepare_data,
+)
+from mergekit_dam.training.device import (
+    available_memory,
+    dtype_name,
+    peak_memory,
+    resolve_device,
+    start_run,
+)
+from mergekit_dam.training.estimate import estimate
+from mergekit_dam.training.evaluate import held_out_kl
+from mergekit_dam.training.experts import build_view
+from mergekit_dam.training.job import TrainingJob, TrainingReport, TrainingResult
+from mergekit_dam.training.loop import Stage, fit
+from mergekit_dam.training.teachers import make_teacher
+from mergekit_dam.training.view import MergedModel
+
+LOG = logging.getLogger("mergekit_dam")
+
+
+def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
+    settings = job.settings
+    ranks = _join(settings)
+    device = ranks.device if ranks else resolve_device(settings.train_device)
+    dtype, started = start_run(settings, device)
+    data = prepare_data(job)
+    view = build_view(job, device, dtype, ranks)
+    raw = view.raw_parameters()
+    steps = data.steps(settings)
+    plan = _check_memory(job, data, view, device, dtype, steps, ranks)
+
+    teacher = make_teacher(settings, lambda i, b: view.expert_logits(i, b.ids.to(device), b.mask.to(device)), device)
+    for index, batches in data.chunks("train", settings.batch_size).items():
+        teacher.prepare(index, batches)
+    held_out = data.chunks("held_out", settings.batch_size)
+
+    def evaluate() -> Dict[str, float]:
+        return held_out_kl(job.rows, held_out, lambda b: view.merged_logits(b.ids.to(device), b.mask.to(device))[0],
+                           lambda i, b: view.expert_logits(i, b.ids.to(device), b.mask.to(device)), settings.temperature, device)
+
+    checkpoint = checkpoint_path(artifact_path)
+    kl_start: Dict[str, float] = {}
+    first_step = [0]
+
+    def begin(optimizer):
+        """Resume from this config's checkpoint, or measure step 0 (the linear average)."""
+        resumed = load_checkpoint(checkpoint, key, raw, optimizer) if settings.checkpoint_every else None
+        if resumed:  # step 0's held-out KL travels in the checkpoint's history
+            LOG.info("dam: resuming from %s at step %d of %d", checkpoint, resumed[0], steps)
+            kl_start.update(resumed[1][0]["held_out_kl"])
+            first_step[0] = resumed[0]
+        else:
+            kl_start.update(evaluate())
+        return resumed
+
+    def save(step, optimizer, history):
+        history[0]["held_out_kl"] = kl_start
+        save_checkpoint(checkpoint, key, step, raw, optimizer, history)
+
+    def micro_batch(step: int, micro: int) -> tuple:
+        batch = _micro_batch(data, settings, step * settings.grad_accum + micro)
+        loss, kls = micro_batch_loss(view, data.experts, batch, teacher, settings, device)
+        return loss, batch.mask.sum(), {job.rows[i]: kl for i, kl in kls.items()}
+
+    progress = tqdm(total=steps, desc="DAM training", disable=job.quiet or not distributed.is_main())
+    clock = time.perf_counter()
+    history = fit(Stage(list(raw.values()), steps, micro_batch), settings, progress, ranks=ranks, begin=begin, save=save, log_eta=True)
+    progress.close()
+
+    coefficients = view.tables()
+    kl_end = evaluate()
+    report = TrainingReport(
+        mode="end_to_end", steps=steps, device=str(device), processes=ranks.world if ranks else 1, dtype=dtype_name(dtype),
+        seconds=time.perf_counter() - started, tokens_per_second=_tokens_per_second(history[first_step[0]:], clock),
+        peak_memory_bytes=peak_memory(device), trainable_coefficients=sum(p.numel() for p in raw.values()),
+        held_out_kl={"step_0_linear_average": kl_start, "final": kl_end}, loss_curve=_curve(history), estimate=plan,
+    )
+    if distributed.is_main() and os.path.exists(checkpoint):
+        os.unlink(checkpoint)
+    LOG.info("dam: trained in %.1f s; held-out KL per expert, linear average -> DAM: %s", report.seconds,
+             {row: f"{kl_start[row]:.4f} -> {kl_end[row]:.4f}" for row in kl_end})
+    return TrainingResult(coefficients, report)
+
+
+def _join(settings):
+    """The process group of a torchrun launch (None in a plain process), after checking
+    that each step's micro-batches split evenly across its processes."""
+    world = distributed.world_size()
+    if settings.grad_accum % world:
+        raise DamError(
+            f"dam: sharded training splits each step's grad_accum micro-batches across the {world} processes; "
+            f"set grad_accum to a multiple of {world} (now {settings.grad_accum})"
+        )
+    return distributed.setup(settings.train_device)
+
+
+def _check_memory(job, data: ExpertData, view: MergedModel, device, dtype, steps: int, ranks) -> dict:
+    """Log what will train and the estimate; stop before training when it cannot fit."""
+    settings, world = job.settings, ranks.world if ranks else 1
+    raw = view.raw_parameters()
+    trainable = sum(p.numel() for p in raw.values())
+    length = min(settings.max_length, max(len(s) for seqs in data.train.values() for s in seqs))
+    plan = estimate(job, dtype, len(data.experts) * settings.batch_size, length, trainable, world)
+    available = available_memory(device)
+    LOG.info("dam: training %d coefficients (%d of %d tensors) for inputs %s; experts with data: %s",
+             trainable, len(raw), len(job.tensors), job.rows, [job.rows[i] for i in data.experts])
+    LOG.info("dam: %d steps on %s%s (%s); estimated peak memory %.2f GiB%s, %.2f TFLOP per step",
+             steps, device, f" x {world} processes (FSDP)" if ranks else "", dtype_name(dtype), plan["peak_bytes"] / 2**30,
+             f" of {available / 2**30:.1f} GiB available" if available else "", plan["flops_per_step"] / 1e12)
+    if available is not None and plan["peak_bytes"] > available:
+        raise DamError(
+            f"dam: training needs about {plan['peak_bytes'] / 2**30:.1f} GiB on {device} but {available / 2**30:.1f} GiB "
+            "is available; lower max_length or batch_size, use train_dtype: bfloat16, or train on a larger device"
+        )
+    return plan
+
+
+def _micro_batch(data: ExpertData, settings, micro_step: int) -> Batch:
+    """`batch_size` sequences of every expert with data, expert by expert, padded together."""
+    picks = [(i, k) for i in data.experts for k in batch_indices(len(data.train[i]), settings.batch_size, micro_step, settings.seed, i)]
+    ids, mask = collate([data.train[i][k] for i, k in picks], data.pad_id)
+    return Batch([k for _, k in picks], ids, mask)
+
+
+def micro_batch_loss(view: MergedModel, experts: Sequence[int], batch: Batch, teacher, settings, device) -> tuple:
+    """(loss, {expert index: KL}) of one micro-batch (`batch_size` rows per expert, in
+    `experts` order): one merged forward for all rows, each expert's rows against its teacher."""
+    rows = [batch.rows(slot * settings.batch_size, (slot + 1) * settings.batch_size, device) for slot in range(len(experts))]
+    student, tables = view.merged_logits(batch.ids.to(device), batch.mask.to(device))
+    loss = objective.regularisers(tables.values(), settings)
+    kls = {}
+    for slot, (index, part) in enumerate(zip(experts, rows)):
+        mine = slice(slot * settings.batch_size, (slot + 1) * settings.batch_size)
+        expert_loss, kls[index] = objective.expert_loss(student[mine], part.mask, settings, **teacher.target(index, part))
+        loss = loss + expert_loss
+    return loss, kls
+
+
+def _curve(history: List[dict]) -> List[dict]:
+    return [{k: entry[k] for k in ("stage", "step", "loss", "kl") if k in entry} for entry in history]
+
+
+def _tokens_per_second(history: List[dict], clock: float) -> float:
+    return sum(entry.get("tokens", 0) for entry in history) / max(time.perf_counter() - clock, 1e-9)
