@@ -63,6 +63,7 @@ class DamMerge(GroupMergeMethod):
         super().validate_inputs(input_ids, base_id, group_name=group_name)
         planner = host.calling_planner()  # None outside a mergekit merge (merge_state_dicts)
         if planner is not None and planner not in self.prepared:
+            install_error_hook()  # a dam merge runs in this process from here on
             self.prepared[planner] = stage.prepare(host.merge_context(planner))
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
@@ -109,10 +110,15 @@ def _one_line_errors(previous_hook):
     return hook
 
 
-def register() -> None:
-    """Add `dam` to mergekit's registry; calling it again is a no-op."""
+def install_error_hook() -> None:
+    """Report an uncaught DamError as one line (see `_one_line_errors`); installed when
+    a dam merge's pre-merge stage starts, never at import; calling it again is a no-op."""
     if not getattr(sys.excepthook, "dam_hook", False):
         sys.excepthook = _one_line_errors(sys.excepthook)
+
+
+def register() -> None:
+    """Add `dam` to mergekit's registry; calling it again is a no-op."""
     existing = {method.spec.name: method for method in registry.registered_methods()}
     if "dam" in existing:
         if type(existing["dam"]).__name__ != DamMerge.__name__:
