@@ -44,12 +44,12 @@ def _spec() -> MergeMethodSpec:
         reference_url="https://arxiv.org/abs/2410.08371",
         contract=InputContract(base=BasePolicy.OPTIONAL, min_inputs=1),
         parameters=tuple(
-            ParameterSpec(name=name, value_type=kind, scope=ParameterScope.SHARED, default=default)
-            for name, kind, default in shared
+            ParameterSpec(name=name, value_type=kind, scope=ParameterScope.SHARED, default=default, description=text)
+            for name, kind, default, text in shared
         )
         + tuple(
-            ParameterSpec(name=name, value_type=kind, scope=ParameterScope.INPUT, default=default)
-            for name, kind, default in per_model
+            ParameterSpec(name=name, value_type=kind, scope=ParameterScope.INPUT, default=default, description=text)
+            for name, kind, default, text in per_model
         ),
     )
 
