@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Iterator, Optional
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def set_chat_template(tokenizer, config) -> None:
     _set_chat_template(tokenizer, config)
 
 
-__all__: Tuple[str, ...] = (
+__all__ = [
     "MergeContext",
     "calling_planner",
     "merge_context",
@@ -127,4 +127,4 @@ __all__: Tuple[str, ...] = (
     "plan_merge",
     "set_chat_template",
     "tensor_loader",
-)
+]
