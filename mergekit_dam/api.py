@@ -29,23 +29,16 @@ def train(config, options=None, out: Optional[str] = None):
     `coefficients` parameter. `options`: mergekit MergeOptions (trust_remote_code,
     quiet, caches); mergekit's math-device options do not affect training.
     """
-    from mergekit.architecture import get_architecture_info
-    from mergekit.io.tasks import LoaderCache
-    from mergekit.merge import MergeOptions, _model_out_config
+    from mergekit.merge import MergeOptions
     from mergekit.merge_methods import registry
-    from mergekit.plan import MergePlanner
 
     import mergekit_dam  # noqa: F401  (registers dam)
+    from mergekit_dam.plugin import host
 
     config = load_config(config)
     if config.merge_method != "dam":
         raise DamError(f"dam: the config's merge_method is `{config.merge_method}`, not `dam`")
     if out is not None:
         config.parameters = {**(config.parameters or {}), "coefficients": out}
-    options = options or MergeOptions()
-    arch_info = get_architecture_info(config, options)
-    LoaderCache().setup(options=options)
-    out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
-    planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
-    planner.normalize_config()  # DAM's validate_inputs runs the stage here, as in a merge
+    planner = host.plan_merge(config, options or MergeOptions())  # DAM's validate_inputs runs the stage here, as in a merge
     return registry.get("dam").prepared[planner]

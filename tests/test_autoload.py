@@ -44,3 +44,10 @@ def test_a_foreign_dam_method_is_not_replaced():
             dm.register()
     finally:
         registry._METHODS["dam"] = ours
+
+
+@pytest.mark.parametrize("imports", ["mergekit_dam", "mergekit.merge_methods", "mergekit.merge_methods, mergekit_dam"])
+def test_importing_leaves_sys_excepthook_alone(imports):
+    """The one-line DamError hook is installed when a dam merge runs, not on import."""
+    code = f"import sys\nbefore = sys.excepthook\nimport {imports}\nimport mergekit.merge_methods as m\nprint(m.get('dam').spec.name, sys.excepthook is before)"
+    assert run_python(code) == "dam True"

@@ -1,11 +1,17 @@
+import typing
+
 import pytest
 from mergekit.config import MergeConfiguration
 
 from mergekit_dam.plugin.config import (
+    README_TABLES,
     DamError,
     DamSettings,
+    ModelSettings,
     check_merge_config,
     parse_settings,
+    readme_tables,
+    settings_table,
 )
 
 
@@ -94,3 +100,36 @@ def test_lab_example_configs_match_the_demo():
     for name, config in merge_configs(manifest, f"{root}/dam_coefficients.safetensors").items():
         with open(os.path.join(here, f"{name}.yml")) as handle:
             assert yaml.safe_load(handle) == config, name
+
+
+@pytest.mark.parametrize("model", [DamSettings, ModelSettings])
+def test_every_setting_is_documented_with_its_choices(model):
+    for name, field in model.model_fields.items():
+        assert field.description and field.description.strip(), f"{model.__name__}.{name} has no description"
+        for choice in typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else ():
+            assert f"`{choice}`" in field.description, f"{model.__name__}.{name}: choice `{choice}` not described"
+
+
+def test_readme_settings_tables_are_generated_from_the_fields():
+    """README.md's Configuration tables are `settings_table` output, one row per setting
+    (regenerate: python -c "from mergekit_dam.plugin.config import update_readme_tables; update_readme_tables('README.md')")."""
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "README.md")
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    lines = text.split("\n")
+    tables = ["\n".join(lines[first:stop]) for first, stop in readme_tables(text)]
+    assert tables == [settings_table(ModelSettings), settings_table(DamSettings)]
+    assert [settings_table(model) for model in README_TABLES] == tables
+    for model, table in zip(README_TABLES, tables):
+        names = [row.split("|")[1].strip().strip("`") for row in table.split("\n")[2:]]
+        assert names == list(model.model_fields)
+
+
+def test_settings_table_rows():
+    table = settings_table(DamSettings).split("\n")
+    assert table[:2] == ["| name | default | description |", "|---|---|---|"]
+    assert "| `steps` | unset | optimizer steps" in "\n".join(table)
+    assert "| `retrain` | `false` | " in "\n".join(table) and "| `lr` | `0.001` | " in "\n".join(table)
+    assert settings_table(ModelSettings).split("\n")[2].startswith('| `dataset` | `""` | ')

@@ -68,3 +68,14 @@ def test_layerwise_trains_and_a_stock_merge_applies_it(lab, tmp_path):
     e2e = json.loads((tmp_path / "e2e.report.json").read_text())["held_out_kl"]["step_0_linear_average"]
     for row in start:
         assert start[row] == pytest.approx(e2e[row], rel=1e-4)
+
+
+def test_layerwise_with_top_k_teachers_trains(lab, tmp_path):
+    """The last stage's teacher is the top-K cache, built from the experts' own hidden states."""
+    artifact = tmp_path / "c.safetensors"
+    train_stage(lab_dam_config(lab, artifact, mode="layerwise", teacher="topk", topk=16, **FAST))
+    report = json.loads((tmp_path / "c.report.json").read_text())
+    start, final = report["held_out_kl"]["step_0_linear_average"], report["held_out_kl"]["final"]
+    assert sum(final.values()) < 0.8 * sum(start.values()), (start, final)
+    last = [entry for entry in report["loss_curve"] if entry["stage"] == "last"]
+    assert len(last) == FAST["steps"] and set(last[0]["kl"]) == set(lab["experts"])

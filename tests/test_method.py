@@ -224,3 +224,15 @@ def test_gpu_apply_matches(families, tmp_path, options):
     coefficients = random_artifact(tmp_path / "c.safetensors", experts, seed=11)
     merge(dam_config(experts, base, {"coefficients": str(tmp_path / "c.safetensors")}), tmp_path / "out", **options)
     assert_merge_equals(tmp_path / "out", experts, coefficients, experts)
+
+
+def test_spec_parameters_carry_the_settings_descriptions():
+    from mergekit.merge_methods import registry
+
+    from mergekit_dam.plugin.config import DamSettings, ModelSettings
+
+    fields = {**DamSettings.model_fields, **ModelSettings.model_fields}
+    parameters = registry.get("dam").spec.parameters
+    assert [p.name for p in parameters] == list(fields)
+    for parameter in parameters:
+        assert parameter.description == fields[parameter.name].description and parameter.description

@@ -30,58 +30,84 @@ def resolve_path(path: str) -> str:
 
 
 class DamSettings(BaseModel):
-    """Settings shared by every tensor of one DAM merge (top-level `parameters:`)."""
+    """Settings shared by every tensor of one DAM merge (top-level `parameters:`).
+
+    Each field's `description` is its documentation: mergekit's ParameterSpec and the
+    README's table (`settings_table`) are made from it; the field order is the table's.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # Where the learned coefficients live. If the file exists and matches the inputs it is
-    # applied as is; otherwise the training stage writes it there. "" = cache directory.
-    coefficients: str = ""
-    # Retrain even when a matching artifact exists.
-    retrain: bool = False
-    # Give the base model its own coefficients (it is otherwise only the skeleton).
-    include_base: bool = False
+    # The artifact.
+    coefficients: str = Field("", description=(
+        "artifact path (`~` expanded, relative to the working directory). If it exists and matches the inputs it is "
+        "applied without training; otherwise training writes it there. Empty: trained coefficients go to the cache "
+        "(`$MERGEKIT_DAM_CACHE`), and without datasets the coefficients are equal, 1/N"))
+    retrain: bool = Field(False, description="train even if a matching artifact exists")
+    include_base: bool = Field(False, description=(
+        "give `base_model` its own coefficients; otherwise the base only supplies config and tokenizer"))
 
-    # Training stage (defaults follow the reference implementation; see README).
-    seed: int = 42
-    steps: Optional[int] = Field(None, ge=1, description="optimizer steps; unset = `epochs` over the data")
-    epochs: float = Field(1.0, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
-    grad_clip: float = Field(1.0, ge=0)
-    batch_size: int = Field(1, ge=1, description="sequences per expert per micro-batch")
-    grad_accum: int = Field(1, ge=1)
+    # Data and length of training (defaults follow the reference implementation).
+    seed: int = Field(42, description="training seed: the shuffle of each dataset, the batch order, torch's RNG")
+    steps: Optional[int] = Field(None, ge=1, description=(
+        "optimizer steps (≥ 1; per stage with `mode: layerwise`); unset: `epochs` passes over the data"))
+    epochs: float = Field(1.0, gt=0, description="passes over the data when `steps` is unset (fractions allowed)")
     samples: int = Field(1700, ge=1, description="examples taken from each dataset")
-    max_length: int = Field(2048, ge=2)
-    temperature: float = Field(2.0, gt=0)
-    similarity_weight: float = Field(0.01, ge=0)
-    l1_weight: float = Field(0.0, ge=0)
-    l2_weight: float = Field(0.0, ge=0)
-    entropy_weight: float = Field(0.0, ge=0)
-    mse_weight: float = Field(0.0, ge=0)
-    nonlinearity: Literal["none", "tanh", "sigmoid", "relu"] = "none"
-    train_embeddings: bool = True
-    train_norms: bool = True
-    teacher: Literal["online", "topk"] = "online"
-    topk: int = Field(128, ge=1)
-    train_device: str = "auto"
-    train_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    checkpoint_every: int = Field(0, ge=0)
-    recompute: bool = True  # rebuild each layer's merged weights and activations in backward
-    # end_to_end: the logit KL through the whole merged model; layerwise: one group at a
-    # time on cached hidden states (memory ~ one layer x N experts; see layerwise.py).
-    mode: Literal["end_to_end", "layerwise"] = "end_to_end"
-    # >1: mergekit-yaml launches this many training processes with torchrun (FSDP; one per GPU)
-    processes: int = Field(1, ge=1)
+    max_length: int = Field(2048, ge=2, description="tokens per example (longer examples are truncated)")
+    batch_size: int = Field(1, ge=1, description="sequences per expert per micro-batch")
+    grad_accum: int = Field(1, ge=1, description=(
+        "micro-batches per optimizer step (gradient accumulation); with `processes` > 1 a multiple of the number "
+        "of processes"))
+
+    # The optimizer: AdamW on float32 coefficients.
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the float32 coefficients")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(0, ge=0, description="steps of linear learning-rate warmup")
+    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description=(
+        "learning rate after warmup: `constant`, or decayed to 0 along a `linear` or `cosine` curve"))
+    grad_clip: float = Field(1.0, ge=0, description="clip the coefficients' gradient norm to this (0: no clipping)")
+
+    # The objective: KL to each expert on its data, plus regularisers.
+    temperature: float = Field(2.0, gt=0, description="KL temperature T on softmax(logits/T); the loss is scaled by T²")
+    similarity_weight: float = Field(0.01, ge=0, description=(
+        "weight of the mean pairwise cosine similarity of the experts' coefficient vectors"))
+    l1_weight: float = Field(0.0, ge=0, description="weight of the L1 norm of all coefficients")
+    l2_weight: float = Field(0.0, ge=0, description="weight of the L2 norm (not squared) of all coefficients")
+    entropy_weight: float = Field(0.0, ge=0, description="weight of the entropy of the merged model's predictions")
+    mse_weight: float = Field(0.0, ge=0, description=(
+        "weight of the mean squared error between merged and expert logits (needs `teacher: online`)"))
+    nonlinearity: Literal["none", "tanh", "sigmoid", "relu"] = Field("none", description=(
+        "`none`, `tanh`, `sigmoid` or `relu`, applied to the coefficients (the artifact stores effective values)"))
+    train_embeddings: bool = Field(True, description=(
+        "learn coefficients for the embeddings (`false`: they stay 1/N); linear layers and lm_head always learn"))
+    train_norms: bool = Field(True, description="learn coefficients for norm weights (`false`: they stay 1/N)")
+    teacher: Literal["online", "topk"] = Field("online", description=(
+        "`online`: the experts' logits are computed during training; `topk`: each expert's top-`topk` "
+        "log-probabilities are cached before training (in `mode: layerwise`, before its last stage)"))
+    topk: int = Field(128, ge=1, description="K of `teacher: topk`")
+
+    # Where and how training runs (all but `mode` left out of the training key).
+    mode: Literal["end_to_end", "layerwise"] = Field("end_to_end", description=(
+        "`end_to_end`: the logit KL through the whole merged model; `layerwise`: train one layer at a time on cached "
+        "hidden states, memory about one layer × N experts (README: \"Experts larger than one device\")"))
+    train_device: str = Field("auto", description=(
+        "`auto` (the first CUDA GPU, else CPU), `cpu`, `cuda` or `cuda:N`; never mergekit's math device"))
+    train_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description=(
+        "dtype of the expert weights: `auto` (`bfloat16` on GPU, `float32` on CPU), `bfloat16`, `float16` or "
+        "`float32`; coefficients are float32"))
+    processes: int = Field(1, ge=1, description=(
+        "train in this many processes (FSDP2, one per GPU), launched by `mergekit-yaml` itself with torchrun"))
+    recompute: bool = Field(True, description=(
+        "rebuild each decoder layer's merged weights and activations in backward (activation checkpointing) instead "
+        "of keeping them: one layer's merged copy at a time, about 1/3 more compute; `false` is faster where memory "
+        "allows"))
+    checkpoint_every: int = Field(0, ge=0, description=(
+        "training checkpoint (`<artifact>.ckpt`) interval in steps, to resume after a kill (0: none)"))
 
     @model_validator(mode="after")
     def _compatible(self):
         if self.teacher == "topk" and self.mse_weight:
             raise ValueError("mse_weight needs full expert logits: use teacher: online")
-        if self.mode == "layerwise" and self.teacher == "topk":
-            raise ValueError("teacher: topk does not apply to mode: layerwise (its last stage takes the experts' logits from cached hidden states); use teacher: online")
         if self.mode == "layerwise" and self.processes > 1:
             raise ValueError("mode: layerwise runs in one process; drop `processes` or use mode: end_to_end")
         if self.mode == "layerwise" and self.checkpoint_every:
@@ -94,25 +120,86 @@ class ModelSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # Local file (.jsonl/.json/.parquet/.csv/.txt) or a Hugging Face dataset id.
-    dataset: str = ""
-    dataset_config: str = ""
-    dataset_split: str = "train"
-    # Record field holding plain text; chat `messages` and prompt/response are detected.
-    text_field: str = "text"
+    dataset: str = Field("", description=(
+        "local `.jsonl/.json/.parquet/.csv/.txt` file or Hugging Face dataset id for this expert"))
+    dataset_config: str = Field("", description="HF dataset configuration name")
+    dataset_split: str = Field("train", description="HF dataset split")
+    text_field: str = Field("text", description=(
+        "record field with plain text (chat `messages` and prompt/response are detected)"))
 
 
 SHARED_NAMES: Tuple[str, ...] = tuple(DamSettings.model_fields)
 MODEL_NAMES: Tuple[str, ...] = tuple(ModelSettings.model_fields)
 
 
-def _fields_with_defaults(model: type[BaseModel]) -> List[Tuple[str, Any, Any]]:
-    return [(name, field.annotation, field.default) for name, field in model.model_fields.items()]
+FieldRow = Tuple[str, Any, Any, str]
 
 
-def parameter_fields() -> Tuple[List[Tuple[str, Any, Any]], List[Tuple[str, Any, Any]]]:
-    """(name, type, default) of shared and per-model settings, for mergekit's spec."""
+def _fields_with_defaults(model: type[BaseModel]) -> List[FieldRow]:
+    return [(name, field.annotation, field.default, field.description) for name, field in model.model_fields.items()]
+
+
+def parameter_fields() -> Tuple[List[FieldRow], List[FieldRow]]:
+    """(name, type, default, description) of shared and per-model settings, for mergekit's spec."""
     return _fields_with_defaults(DamSettings), _fields_with_defaults(ModelSettings)
+
+
+# --- documentation: the README's tables are made from the fields ---------------------------
+
+
+def _default_text(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, str):
+        return f"`{value}`" if value else '`""`'
+    return f"`{value}`"
+
+
+def settings_table(model: type[BaseModel]) -> str:
+    """The markdown table of a settings class: one row `| name | default | description |`
+    per field, in field order (README.md's Configuration section shows these)."""
+    rows = ["| name | default | description |", "|---|---|---|"]
+    for name, field in model.model_fields.items():
+        description = " ".join(field.description.split()).replace("|", "\\|")
+        rows.append(f"| `{name}` | {_default_text(field.default)} | {description} |")
+    return "\n".join(rows)
+
+
+README_TABLES: Tuple[type[BaseModel], ...] = (ModelSettings, DamSettings)  # their order in README.md
+
+
+def readme_tables(text: str) -> List[Tuple[int, int]]:
+    """(first, last + 1) line numbers of each markdown table in the README's
+    `## Configuration` section."""
+    lines = text.split("\n")
+    start = lines.index("## Configuration")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    spans: List[Tuple[int, int]] = []
+    index = start
+    while index < end:
+        if lines[index].startswith("|"):
+            first = index
+            while index < end and lines[index].startswith("|"):
+                index += 1
+            spans.append((first, index))
+        index += 1
+    return spans
+
+
+def update_readme_tables(path: str) -> None:
+    """Rewrite the README's settings tables from the fields (after editing a description)."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    spans = readme_tables(text)
+    if len(spans) != len(README_TABLES):
+        raise ValueError(f"{path}: expected {len(README_TABLES)} tables under ## Configuration, found {len(spans)}")
+    lines = text.split("\n")
+    for (first, stop), model in reversed(list(zip(spans, README_TABLES))):
+        lines[first:stop] = settings_table(model).split("\n")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines))
 
 
 def _first_error(error: ValidationError, where: str) -> DamError:

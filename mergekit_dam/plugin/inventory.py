@@ -1,6 +1,6 @@
 """What one DAM merge works on: its input models (artifact rows) and its tensors.
 
-Read from a mergekit plan before anything runs, so that every mismatch (an artifact for
+Read from a merge's MergeContext (host.py) before anything runs, so that every mismatch (an artifact for
 other models, a missing tensor, a reshuffled layer) is reported before mergekit writes
 a single byte of output.
 """
@@ -11,7 +11,9 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from mergekit_dam.plugin import host
 from mergekit_dam.plugin.config import DamError
+from mergekit_dam.plugin.host import MergeContext
 
 
 @dataclass(frozen=True)
@@ -57,11 +59,10 @@ def _ordered_inputs(config) -> List[object]:
     return list(seen.values())
 
 
-def _check_identity_slices(config, arch_info, options) -> None:
+def _check_identity_slices(context: MergeContext) -> None:
     """DAM coefficients belong to one tensor of one layer of every input; only slices that
     keep each layer in place (no frankenmerge reordering or stacking) can use them."""
-    for module_name, module in config.modules.items():
-        module_arch = arch_info.modules[module_name].architecture
+    for module_name, module in context.config.modules.items():
         for out_slice in module.slices:
             lengths = {str(s.model): s.layer_range[1] - s.layer_range[0] for s in out_slice.sources}
             if len(set(lengths.values())) > 1:
@@ -78,7 +79,7 @@ def _check_identity_slices(config, arch_info, options) -> None:
                     )
             position = out_slice.sources[0].layer_range[1]
         for model in {str(s.model): s.model for sl in module.slices for s in sl.sources}.values():
-            total = module_arch.num_layers(model.config(trust_remote_code=options.trust_remote_code))
+            total = host.num_layers(context, module_name, model)
             if position != total:
                 raise DamError(
                     f"dam: the slices cover layers [0, {position}) but {model} has {total}; "
@@ -99,58 +100,51 @@ def _shape_and_float(loader, name: str) -> Tuple[Tuple[int, ...], bool]:
     return tuple(tensor.shape), tensor.is_floating_point()
 
 
-def tensor_specs(config, arch_info, options, models: Sequence[object], out_config) -> List[TensorSpec]:
+def tensor_specs(context: MergeContext, models: Sequence[object]) -> List[TensorSpec]:
     """Every floating tensor mergekit will produce, with its shape, found the way
     mergekit's planner and loader find it (aliases, tied names, optional weights)."""
-    from mergekit.architecture import ConfiguredModuleArchitecture
-    from mergekit.io.tasks import LoaderCache
-
-    loaders = {str(model): LoaderCache().get(model) for model in models}
+    loaders = {str(model): host.tensor_loader(model) for model in models}
     for model, loader in loaders.items():
-        if not loader.index.is_safetensors and not options.lazy_unpickle:
+        if not loader.index.is_safetensors and not context.lazy_unpickle:
             raise DamError(
                 f"dam: {model} has only pickle (.bin) weights, which can run code when loaded; convert it to "
                 "safetensors, or pass mergekit's --lazy-unpickle to use its restricted unpickler"
             )
     specs: List[TensorSpec] = []
-    for module_name, module_def in arch_info.modules.items():
-        out_arch = ConfiguredModuleArchitecture(
-            info=module_def.architecture, config=out_config, weight_prefix=module_def.weight_prefix
-        )
-        for weight in out_arch.all_weights():
-            direct = [weight.name, *(weight.aliases or ())]
-            present = {
-                model: next((n for n in direct + list(weight.tied_names or ()) if n in loader.index.tensor_paths), None)
-                for model, loader in loaders.items()
-            }
-            if weight.optional and not any(
-                n in loader.index.tensor_paths for loader in loaders.values() for n in direct
-            ):
-                continue  # mergekit skips it too (e.g. lm_head of tied-embedding models)
-            missing = [model for model, found in present.items() if found is None]
-            if missing:
-                raise DamError(
-                    f"dam: tensor {weight.name} is missing from {', '.join(missing)}; "
-                    "all inputs must have the same tensors (same architecture and tying)"
-                )
-            shapes = {model: _shape_and_float(loaders[model], found) for model, found in present.items()}
-            (shape, is_float), *others = shapes.values()
-            if any(other[0] != shape for other in others):
-                listing = ", ".join(f"{model}: {list(s)}" for model, (s, _) in shapes.items())
-                raise DamError(f"dam: tensor {weight.name} has different shapes across inputs ({listing})")
-            if is_float:
-                specs.append(TensorSpec(weight.name, shape, tuple(present.values())))
+    for weight in host.output_weights(context):
+        direct = [weight.name, *(weight.aliases or ())]
+        present = {
+            model: next((n for n in direct + list(weight.tied_names or ()) if n in loader.index.tensor_paths), None)
+            for model, loader in loaders.items()
+        }
+        if weight.optional and not any(
+            n in loader.index.tensor_paths for loader in loaders.values() for n in direct
+        ):
+            continue  # mergekit skips it too (e.g. lm_head of tied-embedding models)
+        missing = [model for model, found in present.items() if found is None]
+        if missing:
+            raise DamError(
+                f"dam: tensor {weight.name} is missing from {', '.join(missing)}; "
+                "all inputs must have the same tensors (same architecture and tying)"
+            )
+        shapes = {model: _shape_and_float(loaders[model], found) for model, found in present.items()}
+        (shape, is_float), *others = shapes.values()
+        if any(other[0] != shape for other in others):
+            listing = ", ".join(f"{model}: {list(s)}" for model, (s, _) in shapes.items())
+            raise DamError(f"dam: tensor {weight.name} has different shapes across inputs ({listing})")
+        if is_float:
+            specs.append(TensorSpec(weight.name, shape, tuple(present.values())))
     return specs
 
 
-def plan_inventory(planner, include_base: bool) -> Inventory:
-    """The inventory of a mergekit MergePlanner whose config has been normalised."""
-    config = planner.config
+def plan_inventory(context: MergeContext, include_base: bool) -> Inventory:
+    """The inventory of one merge (its config normalised: modules -> slices -> sources)."""
+    config = context.config
     base = config.base_model
     inputs = _ordered_inputs(config)
     if include_base and base is None:
         raise DamError("dam: `include_base: true` needs a `base_model:`; set one or drop include_base")
-    _check_identity_slices(config, planner.arch_info, planner.options)
+    _check_identity_slices(context)
     rows = merge_rows(inputs, base, include_base)
-    tensors = tensor_specs(config, planner.arch_info, planner.options, rows, planner.out_model_config)
+    tensors = tensor_specs(context, rows)
     return Inventory(inputs=tuple(inputs), base=base, rows=tuple(rows), tensors=tuple(tensors))

@@ -2,7 +2,8 @@
 
 The spec declares every DAM setting so mergekit resolves and passes them to the kernel;
 the kernel looks up where the coefficients come from (stage.py) and applies them
-(apply.py) in float32 on mergekit's math device.
+(kernels.combine) in float32 on mergekit's math device. Everything it needs from
+mergekit beyond the merge-method API goes through host.py.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_dam.kernels import combine
-from mergekit_dam.plugin import stage
+from mergekit_dam.plugin import host, stage
 from mergekit_dam.plugin.artifact import open_artifact
 from mergekit_dam.plugin.config import (
     SHARED_NAMES,
@@ -43,23 +44,14 @@ def _spec() -> MergeMethodSpec:
         reference_url="https://arxiv.org/abs/2410.08371",
         contract=InputContract(base=BasePolicy.OPTIONAL, min_inputs=1),
         parameters=tuple(
-            ParameterSpec(name=name, value_type=kind, scope=ParameterScope.SHARED, default=default)
-            for name, kind, default in shared
+            ParameterSpec(name=name, value_type=kind, scope=ParameterScope.SHARED, default=default, description=text)
+            for name, kind, default, text in shared
         )
         + tuple(
-            ParameterSpec(name=name, value_type=kind, scope=ParameterScope.INPUT, default=default)
-            for name, kind, default in per_model
+            ParameterSpec(name=name, value_type=kind, scope=ParameterScope.INPUT, default=default, description=text)
+            for name, kind, default, text in per_model
         ),
     )
-
-
-def _calling_planner(frame) -> Optional[Any]:
-    """The mergekit MergePlanner that called validate_inputs, if any (see stage.py)."""
-    caller = frame.f_locals.get("self") if frame is not None else None
-    plan = sys.modules.get("mergekit.plan")
-    if plan is not None and isinstance(caller, plan.MergePlanner):
-        return caller
-    return None
 
 
 class DamMerge(GroupMergeMethod):
@@ -69,9 +61,10 @@ class DamMerge(GroupMergeMethod):
 
     def validate_inputs(self, input_ids: Sequence[Any], base_id: Any = None, *, group_name: Optional[str] = None) -> None:
         super().validate_inputs(input_ids, base_id, group_name=group_name)
-        planner = _calling_planner(sys._getframe(1))
+        planner = host.calling_planner()  # None outside a mergekit merge (merge_state_dicts)
         if planner is not None and planner not in self.prepared:
-            self.prepared[planner] = stage.prepare(planner)
+            install_error_hook()  # a dam merge runs in this process from here on
+            self.prepared[planner] = stage.prepare(host.merge_context(planner))
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         settings = DamSettings(**{name: parameters[name] for name in SHARED_NAMES})
@@ -117,10 +110,15 @@ def _one_line_errors(previous_hook):
     return hook
 
 
-def register() -> None:
-    """Add `dam` to mergekit's registry; calling it again is a no-op."""
+def install_error_hook() -> None:
+    """Report an uncaught DamError as one line (see `_one_line_errors`); installed when
+    a dam merge's pre-merge stage starts, never at import; calling it again is a no-op."""
     if not getattr(sys.excepthook, "dam_hook", False):
         sys.excepthook = _one_line_errors(sys.excepthook)
+
+
+def register() -> None:
+    """Add `dam` to mergekit's registry; calling it again is a no-op."""
     existing = {method.spec.name: method for method in registry.registered_methods()}
     if "dam" in existing:
         if type(existing["dam"]).__name__ != DamMerge.__name__:

@@ -5,7 +5,8 @@ fail early (nothing written) when they cannot be had.
 mergekit 0.1.5 gives a merge method no planning hook and no view of the whole config.
 Its planner does call `method.validate_inputs` once per output slice right after
 normalising the config, before any tensor task exists; `DamMerge.validate_inputs`
-hands the calling planner to `prepare`. The kernels then find the decision in
+hands `prepare` the planner's MergeContext (host.py: the normalised config, output
+config and the options DAM reads). The kernels then find the decision in
 `_PREPARED`, keyed by what each kernel call can see (settings + input names).
 
 Training runs at most once per artifact: a file lock serialises processes, and an
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
 from mergekit_dam.atomic import atomic_write_text
+from mergekit_dam.plugin import host
 from mergekit_dam.plugin.artifact import open_artifact, versions, write_artifact
 from mergekit_dam.plugin.config import (
     DamError,
@@ -33,6 +35,7 @@ from mergekit_dam.plugin.config import (
     check_merge_config,
     resolve_path,
 )
+from mergekit_dam.plugin.host import MergeContext
 from mergekit_dam.plugin.inventory import Inventory, plan_inventory
 from mergekit_dam.training import distributed
 from mergekit_dam.training.data import is_local
@@ -83,9 +86,7 @@ def _model_fingerprint(model, digest) -> None:
     """Config and tokenizer files by content; weight files by name, size, mtime,
     safetensors header and sampled content (hashing every byte of a 70B checkpoint
     would take minutes)."""
-    from mergekit.io.tasks import LoaderCache
-
-    index = LoaderCache().get(model).index
+    index = host.tensor_loader(model).index
     base = index.base_path
     for name in sorted(set(index.tensor_paths.values())):
         path = os.path.join(base, name)
@@ -155,9 +156,7 @@ def load_tokenizer(skeleton_model, rows: Sequence[object], config, trust_remote_
                 "tokens); DAM feeds one token sequence to every input, so their tokenizers must agree"
             )
     if config.chat_template:
-        from mergekit.merge import _set_chat_template
-
-        _set_chat_template(tokenizer, config)
+        host.set_chat_template(tokenizer, config)
     return tokenizer
 
 
@@ -176,11 +175,10 @@ def _show_progress_logs(quiet: bool) -> None:
         LOG.addHandler(handler)
 
 
-def _train(planner, dam, inventory: Inventory, data, path: Optional[str]) -> str:
+def _train(context: MergeContext, dam, inventory: Inventory, data, path: Optional[str]) -> str:
     skeleton_model = inventory.base or inventory.rows[0]
-    options = planner.options
-    _show_progress_logs(options.quiet)
-    key = training_key(dam.settings, inventory, data, skeleton_model, planner.config.chat_template)
+    _show_progress_logs(context.quiet)
+    key = training_key(dam.settings, inventory, data, skeleton_model, context.config.chat_template)
     path = path or os.path.join(cache_dir(), key[:20], "coefficients.safetensors")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     import filelock
@@ -203,12 +201,12 @@ def _train(planner, dam, inventory: Inventory, data, path: Optional[str]) -> str
                 return path
             LOG.info("dam: %s was trained for other models, data or hyperparameters: retraining", path)
         if dam.settings.processes == 1 or distributed.launched():
-            return _train_here(planner, dam, inventory, data, key, path, skeleton_model, main)
+            return _train_here(context, dam, inventory, data, key, path, skeleton_model, main)
     # outside the lock: the launched processes' rank 0 takes it
-    return _launch(planner, dam.settings, key, path)
+    return _launch(context, dam.settings, key, path)
 
 
-def _launch(planner, settings: DamSettings, key: str, path: str) -> str:
+def _launch(context: MergeContext, settings: DamSettings, key: str, path: str) -> str:
     """Train in `settings.processes` processes: torchrun runs `mergekit-dam train` on this
     config (sharded, see distributed.py); this process then applies what they wrote."""
     import subprocess
@@ -217,12 +215,11 @@ def _launch(planner, settings: DamSettings, key: str, path: str) -> str:
 
     import yaml
 
-    options = planner.options
-    config = planner.config.model_dump(mode="json", exclude_none=True)
+    config = context.config.model_dump(mode="json", exclude_none=True)
     config["parameters"] = {**(config.get("parameters") or {}), "coefficients": path}
-    flags = (["-q"] if options.quiet else [])
-    train_flags = (["--trust-remote-code"] if options.trust_remote_code else [])
-    for flag, value in (("--transformers-cache", options.transformers_cache), ("--lora-merge-cache", options.lora_merge_cache)):
+    flags = (["-q"] if context.quiet else [])
+    train_flags = (["--trust-remote-code"] if context.trust_remote_code else [])
+    for flag, value in (("--transformers-cache", context.transformers_cache), ("--lora-merge-cache", context.lora_merge_cache)):
         if value:
             train_flags += [flag, value]
     with tempfile.TemporaryDirectory(dir=cache_dir()) as folder:
@@ -244,20 +241,19 @@ def _launch(planner, settings: DamSettings, key: str, path: str) -> str:
     return path
 
 
-def _train_here(planner, dam, inventory: Inventory, data, key: str, path: str, skeleton_model, main: bool) -> str:
+def _train_here(context: MergeContext, dam, inventory: Inventory, data, key: str, path: str, skeleton_model, main: bool) -> str:
     from mergekit_dam.training import TrainingJob, train
 
-    options = planner.options
     job = TrainingJob(
         rows=inventory.row_names,
         models=list(inventory.rows),
         tensors=inventory.tensors,
         data=data,
         settings=dam.settings,
-        out_config=planner.out_model_config,
-        tokenizer=load_tokenizer(skeleton_model, inventory.rows, planner.config, options.trust_remote_code),
-        trust_remote_code=options.trust_remote_code,
-        quiet=options.quiet,
+        out_config=context.out_config,
+        tokenizer=load_tokenizer(skeleton_model, inventory.rows, context.config, context.trust_remote_code),
+        trust_remote_code=context.trust_remote_code,
+        quiet=context.quiet,
     )
     result = train(job, key, path)
     if not main:
@@ -282,13 +278,13 @@ def _train_here(planner, dam, inventory: Inventory, data, key: str, path: str, s
     return path
 
 
-def decide(planner, dam, inventory: Inventory) -> CoefficientSource:
+def decide(context: MergeContext, dam, inventory: Inventory) -> CoefficientSource:
     settings = dam.settings
     rows = tuple(inventory.row_names)
     path = resolve_path(settings.coefficients) if settings.coefficients else None
     data = {row: dam.models[row] for row in rows if row in dam.models and dam.models[row].dataset}
     if data:
-        return CoefficientSource(rows, _train(planner, dam, inventory, data, path))
+        return CoefficientSource(rows, _train(context, dam, inventory, data, path))
     if settings.retrain:
         raise DamError("dam: `retrain: true` needs at least one input model with a `dataset:` to train on")
     if path and os.path.exists(path):
@@ -304,12 +300,12 @@ def decide(planner, dam, inventory: Inventory) -> CoefficientSource:
     return CoefficientSource(rows, None)
 
 
-def prepare(planner) -> CoefficientSource:
-    """Run the pre-merge stage for a mergekit planner (config already normalised)."""
-    dam = check_merge_config(planner.config)
+def prepare(context: MergeContext) -> CoefficientSource:
+    """Run the pre-merge stage of one mergekit merge (its config already normalised)."""
+    dam = check_merge_config(context.config)
     with _LOCK:
-        inventory = plan_inventory(planner, dam.settings.include_base)
-        source = decide(planner, dam, inventory)
+        inventory = plan_inventory(context, dam.settings.include_base)
+        source = decide(context, dam, inventory)
         _PREPARED[_key(dam.settings, source.rows)] = source
     return source
 
