@@ -7,7 +7,7 @@
 
 Experts = one random base + small perturbations, built directly on the device in bf16
 (N experts, batch 1 sequence of `--seq` tokens per expert). The DAM step is the trainer's
-own `micro_batch_loss` + backward + AdamW step, the code path `mergekit-yaml` runs. The
+own `micro_batch_loss` (modes/end_to_end.py) + backward + AdamW step, the code path `mergekit-yaml` runs. The
 floor, measured first in the same process on the same device with one plain bf16 HF
 model of the same geometry: online teachers N x (fwd+bwd) + N x fwd; top-K teachers
 N x (fwd+bwd). Reports medians (and spread) after warm-up, peak memory, and ratios.
@@ -21,7 +21,9 @@ import time
 import torch
 
 from mergekit_dam.plugin.config import DamSettings
-from mergekit_dam.training.trainer import micro_batch_loss
+from mergekit_dam.training.data import Batch
+from mergekit_dam.training.modes.end_to_end import micro_batch_loss
+from mergekit_dam.training.teachers import make_teacher
 from mergekit_dam.training.view import MergedModel, build_skeleton
 
 GEOMETRIES = {
@@ -150,17 +152,13 @@ def main():
     optimizer = torch.optim.AdamW(list(view.raw_parameters().values()), lr=1e-3)
     settings = DamSettings(batch_size=1, teacher=args.teacher, topk=128)
     experts = list(range(n))
-    topk = None
-    if args.teacher == "topk":
-        with torch.no_grad():
-            topk = {}
-            for index in experts:
-                logits = view.expert_logits(index, ids[index : index + 1], mask[index : index + 1]).float()
-                topk[index] = torch.log_softmax(logits / settings.temperature, -1).topk(settings.topk, dim=-1)
-                topk[index] = (topk[index].values, topk[index].indices)
+    batch = Batch([0] * n, ids, mask)  # row i: expert i's sequence 0
+    teacher = make_teacher(settings, lambda i, b: view.expert_logits(i, b.ids.to(device), b.mask.to(device)), device)
+    for index in experts:  # top-K: cached here, before the timed steps
+        teacher.prepare(index, [batch.rows(index, index + 1, device)])
 
     def dam_step():
-        loss, _ = micro_batch_loss(view, experts, ids, mask, settings, topk)
+        loss, _ = micro_batch_loss(view, experts, batch, teacher, settings, device)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -25,7 +25,7 @@ from mergekit_dam.plugin import stage
 from mergekit_dam.plugin.config import DamError
 from mergekit_dam.tools.lab import SKILLS
 from mergekit_dam.tools.tiny import make_tokenizer
-from mergekit_dam.training.modes import end_to_end
+from mergekit_dam.training import checkpoint
 
 FAST = {"steps": 12, "lr": 0.02, "max_length": 24, "batch_size": 4, "samples": 40}
 
@@ -94,18 +94,18 @@ def test_resume_after_interrupt_equals_uninterrupted(lab, tmp_path, monkeypatch,
     reference = tmp_path / "reference.safetensors"
     train_stage(lab_config(lab, reference, train_device=device))
     resumed = tmp_path / "resumed.safetensors"
-    save = end_to_end.save_checkpoint
+    save = checkpoint.save_checkpoint
 
     def save_then_die(path, key, step, *args):
         save(path, key, step, *args)
         if step == 8:
             raise KeyboardInterrupt("simulated kill after the step-8 checkpoint")
 
-    monkeypatch.setattr(end_to_end, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_stage(lab_config(lab, resumed, checkpoint_every=4, train_device=device))
     assert not resumed.exists() and os.path.exists(str(resumed) + ".ckpt")
-    monkeypatch.setattr(end_to_end, "save_checkpoint", save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
     train_stage(lab_config(lab, resumed, checkpoint_every=4, train_device=device))
     a, b = load_file(str(reference)), load_file(str(resumed))
     assert all(torch.equal(a[name], b[name]) for name in a)

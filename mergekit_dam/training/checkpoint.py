@@ -62,3 +62,31 @@ def load_checkpoint(path: str, key: str, raw: Dict[str, torch.nn.Parameter], opt
                 }
     return int(metadata["step"]), json.loads(metadata["history"])
 
+
+
+class Checkpoints:
+    """One run's checkpoints, as the loop's hooks: `begin` resumes from this key's
+    checkpoint or measures step 0 (`measure()`, the linear average's held-out KL, which
+    then travels in the history), `save` writes one, `remove` deletes it once the run ends."""
+
+    def __init__(self, artifact_path: str, key: str, raw: Dict[str, torch.nn.Parameter], every: int, steps: int):
+        self.path, self.key, self.raw, self.every, self.steps = checkpoint_path(artifact_path), key, raw, every, steps
+        self.kl_start: Dict[str, float] = {}
+        self.first_step = 0
+
+    def begin(self, optimizer, measure):
+        resumed = load_checkpoint(self.path, self.key, self.raw, optimizer) if self.every else None
+        if resumed:
+            LOG.info("dam: resuming from %s at step %d of %d", self.path, resumed[0], self.steps)
+            self.first_step, self.kl_start = resumed[0], resumed[1][0]["held_out_kl"]
+        else:
+            self.kl_start = measure()
+        return resumed
+
+    def save(self, step: int, optimizer, history: list) -> None:
+        history[0]["held_out_kl"] = self.kl_start
+        save_checkpoint(self.path, self.key, step, self.raw, optimizer, history)
+
+    def remove(self) -> None:
+        if distributed.is_main() and os.path.exists(self.path):
+            os.unlink(self.path)

@@ -249,7 +249,7 @@ class MergedModel(torch.nn.Module):
             else:
                 members["head"].append(name)
         self.members, self.local_names = members, local_names
-        self._stacks, self._trained, self._nonlinearity, self._shard = stacks, trained, nonlinearity, shard
+        self._stacks, self.trained_names, self._nonlinearity, self._shard = stacks, trained, nonlinearity, shard
         self.groups = torch.nn.ModuleDict()
         if not lazy:
             for key in members:
@@ -265,7 +265,7 @@ class MergedModel(torch.nn.Module):
         stacks = [self._stacks[name] for name in names]
         n = stacks[0].shape[0] if stacks else 1
         device = stacks[0].device if stacks else None
-        coefficients = Coefficients([s.shape[-1] for s in stacks], [name in self._trained for name in names], n, self._nonlinearity, device)
+        coefficients = Coefficients([s.shape[-1] for s in stacks], [name in self.trained_names for name in names], n, self._nonlinearity, device)
         group = TensorGroup([self.local_names.get(name, name) for name in names], names, stacks, coefficients)
         del stacks
         if self._shard is not None:

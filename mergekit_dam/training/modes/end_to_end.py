@@ -9,7 +9,6 @@ micro-batches are split across the ranks (distributed.py). Data order is a funct
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Dict, List, Sequence
 
@@ -17,11 +16,7 @@ from tqdm.auto import tqdm
 
 from mergekit_dam.plugin.config import DamError
 from mergekit_dam.training import distributed, objective
-from mergekit_dam.training.checkpoint import (
-    checkpoint_path,
-    load_checkpoint,
-    save_checkpoint,
-)
+from mergekit_dam.training.checkpoint import Checkpoints
 from mergekit_dam.training.data import (
     Batch,
     ExpertData,
@@ -67,24 +62,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
         return held_out_kl(job.rows, held_out, lambda b: view.merged_logits(b.ids.to(device), b.mask.to(device))[0],
                            lambda i, b: view.expert_logits(i, b.ids.to(device), b.mask.to(device)), settings.temperature, device)
 
-    checkpoint = checkpoint_path(artifact_path)
-    kl_start: Dict[str, float] = {}
-    first_step = [0]
-
-    def begin(optimizer):
-        """Resume from this config's checkpoint, or measure step 0 (the linear average)."""
-        resumed = load_checkpoint(checkpoint, key, raw, optimizer) if settings.checkpoint_every else None
-        if resumed:  # step 0's held-out KL travels in the checkpoint's history
-            LOG.info("dam: resuming from %s at step %d of %d", checkpoint, resumed[0], steps)
-            kl_start.update(resumed[1][0]["held_out_kl"])
-            first_step[0] = resumed[0]
-        else:
-            kl_start.update(evaluate())
-        return resumed
-
-    def save(step, optimizer, history):
-        history[0]["held_out_kl"] = kl_start
-        save_checkpoint(checkpoint, key, step, raw, optimizer, history)
+    checkpoints = Checkpoints(artifact_path, key, raw, settings.checkpoint_every, steps)
 
     def micro_batch(step: int, micro: int) -> tuple:
         batch = _micro_batch(data, settings, step * settings.grad_accum + micro)
@@ -93,19 +71,18 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
 
     progress = tqdm(total=steps, desc="DAM training", disable=job.quiet or not distributed.is_main())
     clock = time.perf_counter()
-    history = fit(Stage(list(raw.values()), steps, micro_batch), settings, progress, ranks=ranks, begin=begin, save=save, log_eta=True)
+    history = fit(Stage(list(raw.values()), steps, micro_batch), settings, progress, ranks=ranks,
+                  begin=lambda optimizer: checkpoints.begin(optimizer, evaluate), save=checkpoints.save, log_eta=True)
     progress.close()
 
-    coefficients = view.tables()
-    kl_end = evaluate()
+    coefficients, kl_start, kl_end = view.tables(), checkpoints.kl_start, evaluate()
     report = TrainingReport(
         mode="end_to_end", steps=steps, device=str(device), processes=ranks.world if ranks else 1, dtype=dtype_name(dtype),
-        seconds=time.perf_counter() - started, tokens_per_second=_tokens_per_second(history[first_step[0]:], clock),
+        seconds=time.perf_counter() - started, tokens_per_second=_tokens_per_second(history[checkpoints.first_step:], clock),
         peak_memory_bytes=peak_memory(device), trainable_coefficients=sum(p.numel() for p in raw.values()),
         held_out_kl={"step_0_linear_average": kl_start, "final": kl_end}, loss_curve=_curve(history), estimate=plan,
     )
-    if distributed.is_main() and os.path.exists(checkpoint):
-        os.unlink(checkpoint)
+    checkpoints.remove()
     LOG.info("dam: trained in %.1f s; held-out KL per expert, linear average -> DAM: %s", report.seconds,
              {row: f"{kl_start[row]:.4f} -> {kl_end[row]:.4f}" for row in kl_end})
     return TrainingResult(coefficients, report)

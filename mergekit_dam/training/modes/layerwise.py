@@ -89,7 +89,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
         seconds=time.perf_counter() - started,
         tokens_per_second=sum(entry["tokens"] for entry in run.history) / max(time.perf_counter() - clock, 1e-9),
         peak_memory_bytes=peak_memory(device),
-        trainable_coefficients=sum(t.numel() for name, t in run.tables.items() if name in run.view._trained),
+        trainable_coefficients=sum(t.numel() for name, t in run.tables.items() if name in run.view.trained_names),
         held_out_kl={"step_0_linear_average": kl_start, "final": kl_end},
         loss_curve=[{k: entry[k] for k in ("stage", "step", "loss", "kl")} for entry in run.history],
     )

@@ -1,0 +1,64 @@
+"""The one training loop, on a toy problem whose answer is known in closed form."""
+
+import pytest
+import torch
+
+from mergekit_dam.plugin.config import DamError, DamSettings
+from mergekit_dam.training.loop import Stage, fit
+from mergekit_dam.training.schedule import lr_factor
+
+
+class Bar:
+    def __init__(self):
+        self.n = 0
+
+    def update(self, n):
+        self.n += n
+
+    def set_postfix(self, **_):
+        pass
+
+
+def quadratic(param, targets):
+    """Micro-batch m of any step: (p - targets[m])^2, one 'token', KL = the loss."""
+    def micro_batch(step, micro):
+        loss = (param - targets[micro]).pow(2).sum()
+        return loss, 1, {"x": loss}
+    return micro_batch
+
+
+def test_accumulation_averages_the_micro_batches():
+    settings = DamSettings(lr=0.1, grad_accum=2, grad_clip=0)
+    param = torch.nn.Parameter(torch.zeros(1))
+    history = fit(Stage([param], 1, quadratic(param, [1.0, 3.0])), settings, Bar())
+    # one AdamW step moves p by lr along -sign(mean gradient) (= -sign(-4) here): 0 -> 0.1
+    torch.testing.assert_close(param.detach(), torch.tensor([0.1]))
+    assert history == [{"step": 1, "loss": 5.0, "kl": {"x": 5.0}, "tokens": 2}]
+
+
+def test_non_finite_loss_names_the_step_the_stage_and_the_fix():
+    settings = DamSettings(lr=0.1)
+    param = torch.nn.Parameter(torch.zeros(1))
+    stage = Stage([param], 3, lambda step, micro: (param.sum() * float("nan"), 1, {}), name="layer0")
+    with pytest.raises(DamError, match=r"loss became nan at step 1 of stage layer0; lower `lr` \(now 0.1\) or `temperature`"):
+        fit(stage, settings, Bar())
+
+
+def test_resume_and_checkpoint_hooks():
+    settings = DamSettings(lr=0.1, checkpoint_every=2)
+    param = torch.nn.Parameter(torch.zeros(1))
+    saved, bar = [], Bar()
+    history = fit(Stage([param], 7, quadratic(param, [1.0]), name="s"), settings, bar,
+                  begin=lambda optimizer: (3, [{"step": s} for s in (1, 2, 3)]),
+                  save=lambda step, optimizer, history: saved.append((step, len(history))))
+    assert [entry["step"] for entry in history] == list(range(1, 8)) and history[-1]["stage"] == "s"
+    assert saved == [(4, 4), (6, 6)]  # every 2 steps, never after the last
+    assert bar.n == 7
+
+
+def test_schedules():
+    cosine = lr_factor(DamSettings(schedule="cosine", warmup_steps=2), 10)
+    assert [cosine(0), cosine(1), cosine(2)] == [0.5, 1.0, 1.0]
+    assert cosine(6) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
+    linear = lr_factor(DamSettings(schedule="linear"), 4)
+    assert [linear(s) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
