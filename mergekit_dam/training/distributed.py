@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from mergekit_dam.plugin.config import DamError
+from mergekit_dam.training.device import resolve_device
 
 
 @dataclass
@@ -82,19 +82,10 @@ def setup(train_device: str) -> Optional[Ranks]:
         return None
     from torch.distributed.device_mesh import init_device_mesh
 
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if train_device == "auto":
-        train_device = "cuda" if torch.cuda.is_available() else "cpu"
-    kind = torch.device(train_device).type
+    kind = resolve_device(train_device).type  # one process per GPU: the local rank's
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()) if kind == "cuda" else torch.device("cpu")
     if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise DamError(f"dam: train_device `{train_device}` but no CUDA GPU is available; use train_device: cpu")
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    elif kind == "cpu":
-        device = torch.device("cpu")
-    else:
-        raise DamError(f"dam: train_device `{train_device}` is not supported for sharded training; use auto, cpu or cuda")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
     mesh = init_device_mesh(kind, (dist.get_world_size(),))
