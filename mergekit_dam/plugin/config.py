@@ -54,6 +54,9 @@ class DamSettings(BaseModel):
     epochs: float = Field(1.0, gt=0, description="passes over the data when `steps` is unset (fractions allowed)")
     samples: int = Field(1700, ge=1, description="examples taken from each dataset")
     max_length: int = Field(2048, ge=2, description="tokens per example (longer examples are truncated)")
+    loss_on: Literal["answer", "all"] = Field("answer", description=(
+        "`answer`: for records with an answer (chat `messages`: the assistant turns; `prompt`/`response`; Alpaca "
+        "`output`) the KL is taken on the answer tokens only; `all`: on every token. Plain text always uses every token"))
     batch_size: int = Field(1, ge=1, description="sequences per expert per micro-batch")
     grad_accum: int = Field(1, ge=1, description=(
         "micro-batches per optimizer step (gradient accumulation); with `processes` > 1 a multiple of the number "

@@ -3,10 +3,15 @@
 A model's `dataset` is a local file (.jsonl/.json/.parquet/.csv/.txt) or a Hugging Face
 dataset id (with `dataset_config`, `dataset_split`), loaded with `datasets`. Records
 are rendered to text in this order of preference:
-  1. the `text_field` (default `text`) when it holds a string;
-  2. chat `messages` (a list of {role, content}), through the tokenizer's chat template;
+  1. the `text_field` (default `text`) when it holds a string: every token is scored;
+  2. chat `messages` (a list of {role, content}), through the tokenizer's chat template:
+     the assistant turns are the answer;
   3. prompt/response pairs (`prompt` + `response`, or `prompt` + `completion`), as
-     "{prompt}\\n{response}".
+     "{prompt}\\n{response}": the response is the answer;
+  4. Alpaca records (`instruction`, optional `input`, `output`): through the chat template
+     (instruction and input as the user turn) when the tokenizer has one, else the Stanford
+     Alpaca prompt; the output is the answer.
+With `loss_on: answer` (the default) the loss is taken on the answer tokens only.
 Shuffled with the seed, the first `samples` kept, truncated to `max_length` tokens.
 """
 
@@ -16,7 +21,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -69,38 +74,105 @@ def load_records(settings: ModelSettings, model: str):
     return records
 
 
-def render(record: Dict[str, Any], settings: ModelSettings, tokenizer, model: str) -> str:
+ALPACA_FIELDS = ("instruction", "input", "output")
+# The Stanford Alpaca prompt (the reference implementation's data format), for tokenizers without a chat template.
+ALPACA_PROMPT = ("Below is an instruction that describes a task{context}. Write a response that appropriately completes "
+                 "the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
+FORMATS = ("a `text_field` string, chat `messages`, `prompt` + `response` (or `completion`), "
+           "or Alpaca `instruction` (+ `input`) + `output`")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenised record: its token ids and, for records with an answer, which tokens
+    are the answer (the tokens the loss is taken on); None: every token."""
+
+    ids: List[int]
+    answer: Optional[List[int]] = None  # 1 on answer tokens
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def render(record: Dict[str, Any], settings: ModelSettings, tokenizer, model: str) -> Tuple[str, Optional[List[Tuple[int, int]]]]:
+    """(text, character spans of the answer, or None when the record has no answer)."""
     if isinstance(record.get(settings.text_field), str):
-        return record[settings.text_field]
+        return record[settings.text_field], None
     if isinstance(record.get("messages"), list):
         if not getattr(tokenizer, "chat_template", None):
             raise DamError(
                 f"dam: dataset {settings.dataset} (model {model}) has chat `messages` but the tokenizer has no "
                 "chat template; set `chat_template:` in the config or give the records a text field"
             )
-        return tokenizer.apply_chat_template(record["messages"], tokenize=False)
+        return _render_chat(record["messages"], tokenizer)
     for prompt, response in PAIR_FIELDS:
         if isinstance(record.get(prompt), str) and isinstance(record.get(response), str):
-            return f"{record[prompt]}\n{record[response]}"
+            return _answered(f"{record[prompt]}\n", record[response])
+    if isinstance(record.get("instruction"), str) and isinstance(record.get("output"), str):
+        instruction, context = record["instruction"], record.get("input") or ""
+        if getattr(tokenizer, "chat_template", None):
+            user = f"{instruction}\n\n{context}" if context else instruction
+            return _render_chat([{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}], tokenizer)
+        prompt = ALPACA_PROMPT.format(context=", paired with an input that provides further context" if context else "",
+                                      instruction=instruction, input=f"### Input:\n{context}\n\n" if context else "")
+        return _answered(prompt, record["output"])
     raise DamError(
-        f"dam: dataset {settings.dataset} (model {model}) records have no `{settings.text_field}` text, "
-        f"`messages` or prompt/response fields (found: {', '.join(sorted(record))}); set `text_field`"
+        f"dam: dataset {settings.dataset} (model {model}) records have none of the formats DAM reads ({FORMATS}); "
+        f"(found: {', '.join(sorted(record))}); rename the fields, or set `text_field` to the one holding text"
     )
 
 
+def _answered(prompt: str, answer: str) -> tuple:
+    return prompt + answer, [(len(prompt), len(prompt) + len(answer))]
+
+
+def _render_chat(messages: List[dict], tokenizer) -> tuple:
+    """The chat template's text, and for each assistant turn the span from the end of the
+    conversation before it (with the generation prompt) to the end of the turn: the
+    reply and the template's end-of-turn marker."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans, cursor = [], 0
+    for index, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True) if index else ""
+        through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        if text.startswith(before) and text.startswith(through) and len(through) > len(before):
+            spans.append((len(before), len(through)))
+        else:  # a template that renders turns differently in context: find the reply itself
+            start = text.find(str(message.get("content", "")), cursor)
+            if start < 0:
+                continue
+            spans.append((start, start + len(str(message.get("content", "")))))
+        cursor = spans[-1][1]
+    return text, spans
+
+
+def _answer_mask(offsets, spans) -> List[int]:
+    """1 for the tokens whose characters overlap an answer span."""
+    return [int(any(begin < end_span and end > start for start, end_span in spans) and end > begin) for begin, end in offsets]
+
+
 def tokenize(
-    settings: ModelSettings, tokenizer, model: str, *, samples: int, max_length: int, seed: int
-) -> List[List[int]]:
-    """Token ids of up to `samples` shuffled examples, each at most `max_length` long."""
+    settings: ModelSettings, tokenizer, model: str, *, samples: int, max_length: int, seed: int, loss_on: str = "answer"
+) -> List[Example]:
+    """Up to `samples` shuffled examples, each at most `max_length` tokens. With
+    `loss_on: answer`, records with an answer (chat, prompt/response, Alpaca) mark their
+    answer tokens; plain text is scored on every token."""
     records = load_records(settings, model).shuffle(seed=seed)
-    sequences = []
+    examples = []
     for record in records.select(range(min(samples, len(records)))):
-        ids = tokenizer(render(record, settings, tokenizer, model), truncation=True, max_length=max_length)["input_ids"]
-        if ids:
-            sequences.append(list(ids))
-    if not sequences:
+        text, spans = render(record, settings, tokenizer, model)
+        scored = spans is not None and loss_on == "answer"
+        if scored and not getattr(tokenizer, "is_fast", False):
+            raise DamError(f"dam: `loss_on: answer` needs a fast tokenizer (character offsets); {model}'s is not: set `loss_on: all`")
+        encoded = tokenizer(text, truncation=True, max_length=max_length, return_offsets_mapping=scored)
+        if encoded["input_ids"]:
+            answer = _answer_mask(encoded["offset_mapping"], spans) if scored else None
+            examples.append(Example(list(encoded["input_ids"]), answer))
+    if not examples:
         raise DamError(f"dam: dataset {settings.dataset} (model {model}) has no text after tokenisation")
-    return sequences
+    return examples
 
 
 def collate(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -123,20 +195,35 @@ HELD_OUT_MAX = 32  # sequences per expert kept aside for the report's held-out K
 
 @dataclass
 class Batch:
-    """`sequences` (indices into one expert's set) padded together: ids and mask on CPU."""
+    """`sequences` (indices into one expert's set) padded together: ids, attention mask,
+    and the mask of the tokens the loss is taken on (the answers; by default every token)."""
 
     sequences: List[int]
     ids: torch.Tensor
     mask: torch.Tensor
+    loss_mask: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        if self.loss_mask is None:
+            self.loss_mask = self.mask
 
     @classmethod
-    def of(cls, dataset: Sequence[Sequence[int]], sequences: Sequence[int], pad_id: int) -> "Batch":
-        ids, mask = collate([dataset[k] for k in sequences], pad_id)
-        return cls(list(sequences), ids, mask)
+    def of(cls, dataset: Sequence[Example], sequences: Sequence[int], pad_id: int) -> "Batch":
+        return cls(list(sequences), *collate_examples([dataset[k] for k in sequences], pad_id))
 
     def rows(self, begin: int, end: int, device) -> "Batch":
         """Rows [begin, end) on `device`."""
-        return Batch(self.sequences[begin:end], self.ids[begin:end].to(device), self.mask[begin:end].to(device))
+        return Batch(self.sequences[begin:end], *(t[begin:end].to(device) for t in (self.ids, self.mask, self.loss_mask)))
+
+
+def collate_examples(examples: Sequence[Example], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, loss mask) of right-padded examples."""
+    ids, mask = collate([example.ids for example in examples], pad_id)
+    loss_mask = mask.clone()
+    for row, example in enumerate(examples):
+        if example.answer is not None:
+            loss_mask[row, : len(example.answer)] = torch.tensor(example.answer, dtype=loss_mask.dtype)
+    return ids, mask, loss_mask
 
 
 @dataclass
@@ -145,8 +232,8 @@ class ExpertData:
     token sequences, and the padding id."""
 
     experts: List[int]
-    train: Dict[int, List[List[int]]]
-    held_out: Dict[int, List[List[int]]]
+    train: Dict[int, List[Example]]
+    held_out: Dict[int, List[Example]]
     pad_id: int
 
     def chunks(self, split: str, size: int) -> Dict[int, List[Batch]]:
@@ -170,7 +257,8 @@ def prepare_data(job) -> ExpertData:
     train, held_out = {}, {}
     for index in experts:
         row = job.rows[index]
-        sequences = tokenize(job.data[row], job.tokenizer, row, samples=settings.samples, max_length=settings.max_length, seed=settings.seed)
+        sequences = tokenize(job.data[row], job.tokenizer, row, samples=settings.samples, max_length=settings.max_length,
+                             seed=settings.seed, loss_on=settings.loss_on)
         keep = max(1, min(HELD_OUT_MAX, len(sequences) // 10)) if len(sequences) >= 2 else 0
         train[index] = sequences[: len(sequences) - keep] if keep else sequences
         held_out[index] = sequences[len(sequences) - keep :] if keep else sequences

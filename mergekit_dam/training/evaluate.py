@@ -25,7 +25,7 @@ def held_out_kl(
         for index, chunks in batches.items():
             total, count = 0.0, 0
             for batch in chunks:
-                mask = batch.mask.to(device)
+                mask = batch.loss_mask.to(device)  # the answer tokens (every token for plain text)
                 kl = objective.kl_divergence(student(batch), teacher(index, batch), mask, temperature)
                 total += kl.item() * len(mask)
                 count += len(mask)

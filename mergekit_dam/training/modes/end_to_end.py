@@ -21,7 +21,7 @@ from mergekit_dam.training.data import (
     Batch,
     ExpertData,
     batch_indices,
-    collate,
+    collate_examples,
     prepare_data,
 )
 from mergekit_dam.training.device import (
@@ -124,8 +124,7 @@ def _check_memory(job, data: ExpertData, view: MergedModel, device, dtype, steps
 def _micro_batch(data: ExpertData, settings, micro_step: int) -> Batch:
     """`batch_size` sequences of every expert with data, expert by expert, padded together."""
     picks = [(i, k) for i in data.experts for k in batch_indices(len(data.train[i]), settings.batch_size, micro_step, settings.seed, i)]
-    ids, mask = collate([data.train[i][k] for i, k in picks], data.pad_id)
-    return Batch([k for _, k in picks], ids, mask)
+    return Batch([k for _, k in picks], *collate_examples([data.train[i][k] for i, k in picks], data.pad_id))
 
 
 def micro_batch_loss(view: MergedModel, experts: Sequence[int], batch: Batch, teacher, settings, device) -> tuple:
@@ -137,7 +136,7 @@ def micro_batch_loss(view: MergedModel, experts: Sequence[int], batch: Batch, te
     kls = {}
     for slot, (index, part) in enumerate(zip(experts, rows)):
         mine = slice(slot * settings.batch_size, (slot + 1) * settings.batch_size)
-        expert_loss, kls[index] = objective.expert_loss(student[mine], part.mask, settings, **teacher.target(index, part))
+        expert_loss, kls[index] = objective.expert_loss(student[mine], part.loss_mask, settings, **teacher.target(index, part))
         loss = loss + expert_loss
     return loss, kls
 

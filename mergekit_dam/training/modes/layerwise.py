@@ -108,7 +108,7 @@ class LayerwiseRun:
         self.experts, self.steps = data.experts, data.steps(self.settings)
 
         def chunks(split: str) -> Dict[int, List[Chunk]]:
-            return {i: [Chunk(b.sequences, b.ids, b.mask) for b in batches] for i, batches in data.chunks(split, self.settings.batch_size).items()}
+            return {i: [Chunk(b.sequences, b.ids, b.mask, b.loss_mask) for b in batches] for i, batches in data.chunks(split, self.settings.batch_size).items()}
 
         self.chunks, self.checks = chunks("train"), chunks("held_out")
         self.view = build_view(job, device, dtype, lazy=True)
@@ -237,7 +237,7 @@ class LayerwiseRun:
             mask = on(chunk.mask)
             target = teacher.target(i, chunk)
             student, tables = self.logits(None, on(chunk.merged), mask)
-            loss, kl = objective.expert_loss(student, mask, settings, **target)
+            loss, kl = objective.expert_loss(student, on(chunk.loss_mask), settings, **target)
             return loss, kl, tables
 
         self.fit("last", [last, "head"], loss_of)
