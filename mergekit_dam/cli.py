@@ -77,7 +77,7 @@ def main(argv=None) -> int:
 
             outputs = report(args.artifact, args.out)
             print(text_summary(summarize(args.artifact)))
-            print(f"\nJSON: {outputs['json']}\nheatmap: {outputs['heatmap']}")
+            print(f"\nJSON: {outputs['json']}\nheatmap: {outputs['heatmap']}\ndominance: {outputs['dominance']}")
     except DamError as error:
         print(f"mergekit-dam error: {error}", file=sys.stderr)
         return 1

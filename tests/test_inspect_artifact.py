@@ -32,8 +32,17 @@ def test_summary_statistics_heatmap_and_cli(tmp_path, capsys):
     assert abs(stats["std"] - 2**0.5) < 1e-9  # sample standard deviation of [1, 3]
     assert summary["provenance"]["steps"] == 3
     assert "| up_proj | 2.000 | 0.375 |" in text_summary(summary)
+    # layer 0 up_proj: columns [1, 0] and [3, 0.5]; a dominates both; rows [1, 3] and [0, 0.5] correlate fully
+    distinction = summary["distinction"]["model.layers.0.mlp.up_proj.weight"]
+    assert distinction["dominance"] == [1.0, 0.0] and abs(distinction["correlation"] - 1.0) < 1e-12
+    assert abs(distinction["spread"] - (0.5 + 1.25) / 2 / (4.5 / 4)) < 1e-12  # mean column std / mean |c|
+    # layer 1: columns [2, 1] and [2, 0]: a dominates both; b's row [1, 0] against a's constant row: no correlation
+    assert summary["dominance"]["up_proj"][1] == [1.0, 0.0]
+    assert summary["distinction"]["model.layers.1.mlp.up_proj.weight"]["correlation"] is None
+    assert "| norm | " in text_summary(summary).split("What distinguishes")[1]
     outputs = report(path, str(tmp_path / "out"))
-    with open(outputs["heatmap"], "rb") as handle:
-        assert handle.read(4) == b"\x89PNG"
+    for picture in ("heatmap", "dominance"):
+        with open(outputs[picture], "rb") as handle:
+            assert handle.read(4) == b"\x89PNG"
     assert cli(["inspect", path, "--out", str(tmp_path / "cli")]) == 0
     assert "heatmap:" in capsys.readouterr().out

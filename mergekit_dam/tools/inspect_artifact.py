@@ -3,6 +3,15 @@
 Per tensor and input model: mean, std, min, max of the coefficient vector. Per layer
 and module type (q_proj, down_proj, input_layernorm, ...): each model's mean
 coefficient, drawn as heatmaps (layer x model, one panel per module type).
+
+Means hide what matters when experts share a base: whether the coefficients choose
+between experts or only rescale columns for all of them alike. So per tensor also:
+  spread     the mean over columns of the std across experts, over the mean |coefficient|
+             (0: every expert gets the same coefficient in every column);
+  correlation  the mean correlation between two experts' coefficient vectors
+             (near 1: the rows move together, i.e. rescaling, not choosing);
+  dominance  per expert, the share of columns where it has the largest coefficient,
+drawn per layer and module type as a second heatmap.
 """
 
 from __future__ import annotations
@@ -29,10 +38,24 @@ def module_of(name: str) -> tuple:
     return (int(match.group("index")) if match else None), kind
 
 
+def distinction(table) -> dict:
+    """How a tensor's [N, D] coefficients tell the experts apart (see the module doc)."""
+    import torch
+
+    n = table.shape[0]
+    spread = float(table.std(dim=0, unbiased=False).mean() / table.abs().mean().clamp_min(1e-12)) if n > 1 else 0.0
+    centred = table - table.mean(dim=1, keepdim=True)
+    norms = centred.norm(dim=1)
+    pairs = [float((centred[a] @ centred[b]) / (norms[a] * norms[b])) for a in range(n) for b in range(a + 1, n)
+             if norms[a] > 1e-12 and norms[b] > 1e-12]
+    winners = torch.bincount(table.argmax(dim=0), minlength=n).double() / table.shape[1]
+    return {"spread": spread, "correlation": sum(pairs) / len(pairs) if pairs else None, "dominance": [float(w) for w in winners]}
+
+
 def summarize(path: str) -> dict:
     artifact = open_artifact(path)
     models = artifact.models
-    tensors, layers = {}, {}
+    tensors, layers, distinctions, dominance = {}, {}, {}, {}
     for name in sorted(artifact.shapes):
         table = artifact.get(name).double()
         tensors[name] = {
@@ -40,41 +63,45 @@ def summarize(path: str) -> dict:
                     "min": float(row.min()), "max": float(row.max())}
             for model, row in zip(models, table)
         }
+        distinctions[name] = distinction(table)
         layer, kind = module_of(name)
         if layer is not None:
             layers.setdefault(kind, {})[layer] = [float(row.mean()) for row in table]
+            dominance.setdefault(kind, {})[layer] = distinctions[name]["dominance"]
     return {"artifact": path, "models": models, "provenance": {k: artifact.provenance(k) for k in artifact.metadata if k not in ("format", "models")},
-            "tensors": tensors, "layers": layers}
+            "tensors": tensors, "layers": layers, "distinction": distinctions, "dominance": dominance}
 
 
-def heatmap(summary: dict, path: str) -> str:
+def heatmap(summary: dict, path: str, grids: str = "layers", label: str = "mean coefficient",
+            title: str = "DAM coefficients: mean per layer and input model") -> str:
+    """Layer x model panels, one per module type, of summary[grids] (means, or dominance shares)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = sorted(summary["layers"])
+    kinds = sorted(summary[grids])
     models = [os.path.basename(m.rstrip("/")) or m for m in summary["models"]]
     if not kinds:
         raise ValueError("the artifact has no per-layer tensors to draw")
     columns = min(4, len(kinds))
     rows = math.ceil(len(kinds) / columns)
-    layer_count = max(len(layers) for layers in summary["layers"].values())
+    layer_count = max(len(layers) for layers in summary[grids].values())
     figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, rows * (1.8 + 0.22 * layer_count) + 0.8),
                                 squeeze=False, layout="constrained")
-    values = [v for kind in kinds for layer in summary["layers"][kind].values() for v in layer]
+    values = [v for kind in kinds for layer in summary[grids][kind].values() for v in layer]
     low, high = min(values), max(values)
     for axis, kind in zip(axes.flat, kinds):
-        grid = [summary["layers"][kind][layer] for layer in sorted(summary["layers"][kind])]
+        grid = [summary[grids][kind][layer] for layer in sorted(summary[grids][kind])]
         image = axis.imshow(grid, aspect="auto", cmap="viridis", vmin=low, vmax=high)
         axis.set_title(kind, fontsize=9)
         axis.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=7)
-        axis.set_yticks(range(len(grid)), sorted(summary["layers"][kind]), fontsize=7)
+        axis.set_yticks(range(len(grid)), sorted(summary[grids][kind]), fontsize=7)
         axis.set_ylabel("layer", fontsize=8)
     for axis in list(axes.flat)[len(kinds):]:
         axis.axis("off")
-    figure.colorbar(image, ax=axes, shrink=0.8, label="mean coefficient")
-    figure.suptitle("DAM coefficients: mean per layer and input model", fontsize=11)
+    figure.colorbar(image, ax=axes, shrink=0.8, label=label)
+    figure.suptitle(title, fontsize=11)
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
@@ -84,10 +111,13 @@ def report(path: str, out_dir: Optional[str] = None) -> Dict[str, str]:
     summary = summarize(path)
     out_dir = out_dir or os.path.splitext(path)[0] + ".inspect"
     os.makedirs(out_dir, exist_ok=True)
-    outputs = {"json": os.path.join(out_dir, "coefficients.json"), "heatmap": os.path.join(out_dir, "heatmap.png")}
+    outputs = {"json": os.path.join(out_dir, "coefficients.json"), "heatmap": os.path.join(out_dir, "heatmap.png"),
+               "dominance": os.path.join(out_dir, "dominance.png")}
     with open(outputs["json"], "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=1)
     heatmap(summary, outputs["heatmap"])
+    heatmap(summary, outputs["dominance"], "dominance", "share of columns where the model's coefficient is largest",
+            "DAM coefficients: which input model dominates, per layer")
     return outputs
 
 
@@ -101,4 +131,20 @@ def text_summary(summary: dict) -> str:
     for name, rows in summary["tensors"].items():
         if module_of(name)[0] is None:
             lines.append(f"| {name} | " + " | ".join(f"{rows[m]['mean']:.3f}" for m in models) + " |")
+    lines += ["", "What distinguishes the models (per module type, averaged over tensors): spread across models "
+              "relative to the mean |coefficient|, mean correlation between models' rows, share of columns each dominates.", "",
+              "| module | spread | correlation | " + " | ".join(_short(m) for m in models) + " |", "|---" * (len(models) + 3) + "|"]
+    groups: Dict[str, list] = {}
+    for name, stats in summary["distinction"].items():
+        groups.setdefault(module_of(name)[1], []).append(stats)
+    for kind, stats in sorted(groups.items()):
+        correlations = [s["correlation"] for s in stats if s["correlation"] is not None]
+        correlation = f"{sum(correlations) / len(correlations):.3f}" if correlations else "-"
+        shares = [sum(s["dominance"][i] for s in stats) / len(stats) for i in range(len(models))]
+        lines.append(f"| {kind} | {sum(s['spread'] for s in stats) / len(stats):.3f} | {correlation} | "
+                     + " | ".join(f"{share:.2f}" for share in shares) + " |")
     return "\n".join(lines)
+
+
+def _short(model: str) -> str:
+    return os.path.basename(model.rstrip("/")) or model
