@@ -290,3 +290,34 @@ def test_gpu_default_training_in_bfloat16_then_a_cuda_merge(lab, tmp_path, monke
     again = load_file(str(tmp_path / "again.safetensors"))
     record_property("rerun_max_abs_diff", max(float((again[n] - coefficients[n]).abs().max()) for n in coefficients))
     assert all(torch.equal(coefficients[n], again[n]) for n in coefficients)  # same config + seed, same device
+
+
+def test_task_vector_parametrization_trains_and_applies_with_a_base_row(lab, tmp_path):
+    artifact = tmp_path / "c.safetensors"
+    merge(lab_config(lab, artifact, parametrization="task_vectors", steps=30), tmp_path / "out")
+    tables = load_file(str(artifact))
+    models = json.loads(__import__("safetensors").safe_open(str(artifact), "pt").metadata()["models"])
+    assert models == lab["experts"] + [lab["base"]]
+    for name, table in tables.items():  # the base's coefficient is 1 - the experts' sum, column by column
+        torch.testing.assert_close(table[-1], 1 - table[:-1].sum(0), msg=name)
+    report = json.loads((tmp_path / "c.report.json").read_text())["held_out_kl"]
+    assert sum(report["final"].values()) < 0.8 * sum(report["step_0_linear_average"].values())
+    merged = read_checkpoint(str(tmp_path / "out"))
+    for name, value in expected_merge(models, tables, models).items():
+        torch.testing.assert_close(merged[name].double(), value, atol=1e-5, rtol=1e-5)
+
+
+def test_task_vector_start_is_the_linear_average_or_task_arithmetic(lab, tmp_path):
+    for init, expert, base in ((None, 1 / N, 0.0), (0.5, 0.5, 1 - N * 0.5)):
+        artifact = tmp_path / f"c{init}.safetensors"
+        start = {} if init is None else {"init_weight": init}
+        train_stage(lab_config(lab, artifact, parametrization="task_vectors", lr=1e-12, steps=1, **start))
+        for table in load_file(str(artifact)).values():
+            torch.testing.assert_close(table[:-1], torch.full_like(table[:-1], expert))
+            torch.testing.assert_close(table[-1], torch.full_like(table[-1], base))
+
+
+def test_task_vectors_need_a_base_model(lab, tmp_path):
+    config = lab_config(lab, tmp_path / "c.safetensors", parametrization="task_vectors")
+    del config["base_model"]
+    _reject(config, tmp_path, "parametrization: task_vectors.*needs a `base_model:`")

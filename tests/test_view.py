@@ -82,3 +82,25 @@ def test_expert_weights_reproduce_the_expert(families):
     mask = torch.ones_like(input_ids)
     reference = AutoModelForCausalLM.from_pretrained(expert).eval()
     torch.testing.assert_close(view.expert_logits(0, input_ids, mask), reference(input_ids=input_ids, attention_mask=mask).logits)
+
+
+def test_task_vector_parametrization_gradient_and_base_row():
+    """W = W_base + sum_i c_i (W_i - W_base): the table's base row is 1 - sum c_i, and the
+    coefficient gradient through the merge equals plain autograd on that formula."""
+    from mergekit_dam.training.view import TaskVectors
+
+    generator = torch.Generator().manual_seed(3)
+    stack = torch.randn(4, 5, 6, generator=generator, dtype=torch.float64)  # rows: e0, base, e1, e2
+    values = torch.rand(3, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    table = TaskVectors(4, base_row=1).table(values)
+    torch.testing.assert_close(table[1], 1 - values.sum(0))
+    upstream = torch.randn(5, 6, generator=generator, dtype=torch.float64)
+    (ColumnMerge.apply(table, stack) * upstream).sum().backward()
+    ours = values.grad.clone()
+
+    naive_values = values.detach().clone().requires_grad_()
+    experts, base = stack[[0, 2, 3]], stack[1]
+    merged = base + (naive_values[:, None, :] * (experts - base)).sum(0)
+    (merged * upstream).sum().backward()
+    torch.testing.assert_close(ours, naive_values.grad)
+    assert TaskVectors(4, 1).start == 1 / 3 and TaskVectors(4, 1, init=0.3).start == 0.3

@@ -79,6 +79,13 @@ class DamSettings(BaseModel):
     entropy_weight: float = Field(0.0, ge=0, description="weight of the entropy of the merged model's predictions")
     mse_weight: float = Field(0.0, ge=0, description=(
         "weight of the mean squared error between merged and expert logits (needs `teacher: online`)"))
+    parametrization: Literal["weights", "task_vectors"] = Field("weights", description=(
+        "`weights`: merged W = Σ cᵢ ⊙ Wᵢ (the paper's DAM); `task_vectors`: merged W = W_base + Σ cᵢ ⊙ (Wᵢ − W_base), "
+        "the base's row being 1 − Σ cᵢ, so that coefficients trade experts against the base rather than rescale a "
+        "shared part (needs `base_model`; the artifact gets a base row)"))
+    init_weight: Optional[float] = Field(None, description=(
+        "start of every expert's coefficient with `parametrization: task_vectors`: unset = 1/N (the linear average of "
+        "the experts); λ = task arithmetic with weight λ"))
     nonlinearity: Literal["none", "tanh", "sigmoid", "relu"] = Field("none", description=(
         "`none`, `tanh`, `sigmoid` or `relu`, applied to the coefficients (the artifact stores effective values)"))
     train_embeddings: bool = Field(True, description=(
@@ -107,8 +114,15 @@ class DamSettings(BaseModel):
     checkpoint_every: int = Field(0, ge=0, description=(
         "training checkpoint (`<artifact>.ckpt`) interval in steps, to resume after a kill (0: none)"))
 
+    @property
+    def base_row(self) -> bool:
+        """Whether the base model gets a row of coefficients."""
+        return self.include_base or self.parametrization == "task_vectors"
+
     @model_validator(mode="after")
     def _compatible(self):
+        if self.init_weight is not None and self.parametrization != "task_vectors":
+            raise ValueError("init_weight applies to parametrization: task_vectors; drop it or set the parametrization")
         if self.teacher == "topk" and self.mse_weight:
             raise ValueError("mse_weight needs full expert logits: use teacher: online")
         if self.mode == "layerwise" and self.processes > 1:

@@ -69,7 +69,7 @@ class DamMerge(GroupMergeMethod):
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         settings = DamSettings(**{name: parameters[name] for name in SHARED_NAMES})
         base = group.base.id if group.base is not None else None
-        rows = merge_rows([entry.id for entry in group.entries], base, settings.include_base)
+        rows = merge_rows([entry.id for entry in group.entries], base, settings.base_row)
         names = [str(model) for model in rows]
         source = stage.source_for(settings, names)
         if source.artifact_path is None:

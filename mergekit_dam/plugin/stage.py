@@ -254,6 +254,7 @@ def _train_here(context: MergeContext, dam, inventory: Inventory, data, key: str
         tokenizer=load_tokenizer(skeleton_model, inventory.rows, context.config, context.trust_remote_code),
         trust_remote_code=context.trust_remote_code,
         quiet=context.quiet,
+        base_row=inventory.row_names.index(str(inventory.base)) if dam.settings.parametrization == "task_vectors" else None,
     )
     result = train(job, key, path)
     if not main:
@@ -304,7 +305,10 @@ def prepare(context: MergeContext) -> CoefficientSource:
     """Run the pre-merge stage of one mergekit merge (its config already normalised)."""
     dam = check_merge_config(context.config)
     with _LOCK:
-        inventory = plan_inventory(context, dam.settings.include_base)
+        if dam.settings.parametrization == "task_vectors" and not context.config.base_model:
+            raise DamError("dam: `parametrization: task_vectors` merges task vectors W_i - W_base and needs a `base_model:`; "
+                           "set one or use parametrization: weights")
+        inventory = plan_inventory(context, dam.settings.base_row)
         source = decide(context, dam, inventory)
         _PREPARED[_key(dam.settings, source.rows)] = source
     return source

@@ -13,7 +13,9 @@ from mergekit_dam.plugin.config import DamError, DamSettings
 from mergekit_dam.plugin.host import tensor_loader
 from mergekit_dam.training.view import (
     NONLINEARITIES,
+    ColumnWeights,
     MergedModel,
+    TaskVectors,
     build_skeleton,
     stack_experts,
     tensor_kinds,
@@ -48,15 +50,22 @@ def trains(kind: str, settings: DamSettings) -> bool:
 def build_view(job, device: torch.device, dtype: torch.dtype, ranks=None, lazy: bool = False) -> MergedModel:
     """The merged-model view of the job's experts; sharded (each group an FSDP unit,
     the view the root) when `ranks` is given; `lazy`: no group loaded yet."""
-    n = len(job.rows)
-    if not math.isfinite(float(NONLINEARITIES[job.settings.nonlinearity][1](torch.tensor(1.0 / n)))):
-        raise DamError(f"dam: nonlinearity `{job.settings.nonlinearity}` cannot represent the initial coefficient 1/{n}")
+    settings = job.settings
+    if settings.parametrization == "task_vectors":
+        def parametrization(n):
+            return TaskVectors(n, job.base_row, settings.init_weight)
+    else:
+        parametrization = ColumnWeights
+    start = parametrization(len(job.rows)).start
+    if not math.isfinite(float(NONLINEARITIES[settings.nonlinearity][1](torch.tensor(start)))):
+        raise DamError(f"dam: nonlinearity `{settings.nonlinearity}` cannot represent the initial coefficient {start:g}; "
+                       "use nonlinearity: none or another start")
     skeleton = build_skeleton(job.out_config, device, job.trust_remote_code)
     kinds = tensor_kinds(skeleton)
     trained = {spec.name for spec in job.tensors if spec.name in kinds and trains(kinds[spec.name], job.settings)}
     view = MergedModel(
-        skeleton, ExpertStacks(job, device, dtype), trained, job.settings.nonlinearity, job.settings.recompute,
-        shard=ranks.shard if ranks else None, lazy=lazy,
+        skeleton, ExpertStacks(job, device, dtype), trained, settings.nonlinearity, settings.recompute,
+        shard=ranks.shard if ranks else None, lazy=lazy, parametrization=parametrization,
     )
     if ranks:
         ranks.root(view)

@@ -25,6 +25,7 @@ class TrainingJob:
     tokenizer: object
     trust_remote_code: bool = False
     quiet: bool = False
+    base_row: Optional[int] = None  # the base's row, with parametrization: task_vectors
 
 
 @dataclass

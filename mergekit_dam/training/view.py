@@ -77,25 +77,55 @@ def decoder_layers(skeleton: torch.nn.Module) -> tuple:
     raise DamError(f"dam: cannot find the {count} decoder layers of {type(skeleton).__name__}; DAM needs a decoder-only model")
 
 
-class Coefficients(torch.nn.Module):
-    """One group's coefficient tables: raw float32 [N, D] parameters for the tensors that
-    train (effective value f(raw), initially 1/N), fixed 1/N tables for the rest."""
+class ColumnWeights:
+    """merged = sum_i c_i * W_i over every row (the paper's DAM); starts at c_i = 1/N."""
 
-    def __init__(self, widths: Sequence[int], trained: Sequence[bool], n: int, nonlinearity: str, device):
+    def __init__(self, n: int):
+        self.n, self.rows, self.start = n, n, 1.0 / n
+
+    def table(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+
+class TaskVectors:
+    """merged = W_base + sum_{i != base} c_i * (W_i - W_base): the base row's coefficient
+    is 1 - sum_i c_i, so that dL/dc_i = sum_rows dL/dW * (W_i - W_base) and the part the
+    experts share with the base cancels. Starts at c_i = `init` (task arithmetic with
+    weight λ), or 1/(N-1): the linear average of the experts."""
+
+    def __init__(self, n: int, base_row: int, init: Optional[float] = None):
+        self.n, self.rows, self.base_row = n, n - 1, base_row
+        self.start = init if init is not None else 1.0 / (n - 1)
+
+    def table(self, values: torch.Tensor) -> torch.Tensor:
+        base = 1 - values.sum(dim=0, keepdim=True)
+        return torch.cat([values[: self.base_row], base, values[self.base_row :]])
+
+
+class Coefficients(torch.nn.Module):
+    """One group's coefficient tables: raw float32 parameters for the tensors that train
+    (effective [N, D] table = parametrization.table(f(raw))), fixed starting tables for the rest."""
+
+    def __init__(self, widths: Sequence[int], trained: Sequence[bool], parametrization, nonlinearity: str, device):
         super().__init__()
         self.function, inverse = NONLINEARITIES[nonlinearity]
-        start = float(inverse(torch.tensor(1.0 / n)))
+        self.parametrization = parametrization
+        start = float(inverse(torch.tensor(parametrization.start)))
         self.trained = list(trained)
         self.raw = torch.nn.ParameterList(
-            [torch.nn.Parameter(torch.full((n, width), start, device=device)) for width, t in zip(widths, trained) if t]
+            [torch.nn.Parameter(torch.full((parametrization.rows, width), start, device=device)) for width, t in zip(widths, trained) if t]
         )
         for slot, (width, t) in enumerate(zip(widths, trained)):
             if not t:
-                self.register_buffer(f"fixed{slot}", torch.full((n, width), 1.0 / n, device=device))
+                fixed = parametrization.table(torch.full((parametrization.rows, width), parametrization.start, device=device))
+                self.register_buffer(f"fixed{slot}", fixed)
+
+    def effective(self, raw: torch.Tensor) -> torch.Tensor:
+        return self.parametrization.table(self.function(raw))
 
     def forward(self) -> List[torch.Tensor]:
         raw = iter(self.raw)
-        return [self.function(next(raw)) if t else getattr(self, f"fixed{slot}") for slot, t in enumerate(self.trained)]
+        return [self.effective(next(raw)) if t else getattr(self, f"fixed{slot}") for slot, t in enumerate(self.trained)]
 
 
 class TensorGroup(torch.nn.Module):
@@ -131,7 +161,7 @@ class TensorGroup(torch.nn.Module):
         result = {}
         with torch.no_grad():
             for slot, (name, trained) in enumerate(zip(self.full_names, coefficients.trained)):
-                table = coefficients.function(full(next(raw))) if trained else getattr(coefficients, f"fixed{slot}")
+                table = coefficients.effective(full(next(raw))) if trained else getattr(coefficients, f"fixed{slot}")
                 result[name] = table.detach().float().cpu()
         return result
 
@@ -197,7 +227,8 @@ class MergedModel(torch.nn.Module):
 
     stacks: expert stack [N, *shape] per tensor name (a lazy mapping may load each on
     access: every stack is read once, group by group); trained: the names whose
-    coefficients train (the rest keep 1/N); shard: called with each group once built
+    coefficients train (the rest keep their start); parametrization: N -> ColumnWeights
+    or TaskVectors (how raw coefficients become the [N, D] table); shard: called with each group once built
     (distributed.Ranks.shard makes it an FSDP unit); lazy: build no group until `load`."""
 
     def __init__(
@@ -209,6 +240,7 @@ class MergedModel(torch.nn.Module):
         recompute: bool = False,
         shard: Optional[Callable] = None,
         lazy: bool = False,
+        parametrization: Optional[Callable[[int], object]] = None,
     ):
         super().__init__()
         # not a submodule: its parameters are meta placeholders that functional_call replaces
@@ -250,6 +282,7 @@ class MergedModel(torch.nn.Module):
                 members["head"].append(name)
         self.members, self.local_names = members, local_names
         self._stacks, self.trained_names, self._nonlinearity, self._shard = stacks, trained, nonlinearity, shard
+        self._parametrization = parametrization or ColumnWeights  # rows -> ColumnWeights or TaskVectors
         self.groups = torch.nn.ModuleDict()
         if not lazy:
             for key in members:
@@ -265,7 +298,8 @@ class MergedModel(torch.nn.Module):
         stacks = [self._stacks[name] for name in names]
         n = stacks[0].shape[0] if stacks else 1
         device = stacks[0].device if stacks else None
-        coefficients = Coefficients([s.shape[-1] for s in stacks], [name in self.trained_names for name in names], n, self._nonlinearity, device)
+        coefficients = Coefficients([s.shape[-1] for s in stacks], [name in self.trained_names for name in names],
+                                    self._parametrization(n), self._nonlinearity, device)
         group = TensorGroup([self.local_names.get(name, name) for name in names], names, stacks, coefficients)
         del stacks
         if self._shard is not None:
