@@ -3,10 +3,10 @@
 import torch
 
 from mergekit_dam.plugin.config import DamSettings
-from mergekit_dam.training.data import Batch
+from mergekit_dam.training.data import Batch, Example
 from mergekit_dam.training.teachers import Online, TopK
 
-SEQUENCES = [[5, 6, 7], [8, 9], [1, 2, 3, 4]]
+SEQUENCES = [Example(ids) for ids in ([5, 6, 7], [8, 9], [1, 2, 3, 4])]
 
 
 def logits_of(index, batch):

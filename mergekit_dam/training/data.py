@@ -118,7 +118,7 @@ def render(record: Dict[str, Any], settings: ModelSettings, tokenizer, model: st
         return _answered(prompt, record["output"])
     raise DamError(
         f"dam: dataset {settings.dataset} (model {model}) records have none of the formats DAM reads ({FORMATS}); "
-        f"(found: {', '.join(sorted(record))}); rename the fields, or set `text_field` to the one holding text"
+        f"(found: {', '.join(sorted(record))}); set `text_field` to the field holding the text, or rename the fields"
     )
 
 
