@@ -47,7 +47,7 @@ def main():
     parser.add_argument("--variant", type=variant, action="append", required=True)
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    manifest = build(args.lab)
+    manifest = build(os.path.abspath(args.lab))  # absolute: mergekit takes a relative name for a hub id
     models, reports, coefficients = {}, {}, {}
     for name, settings in args.variant:
         artifact = os.path.join(args.out, f"{name}.safetensors")

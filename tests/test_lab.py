@@ -1,4 +1,5 @@
 import json
+import os
 
 import torch
 from conftest import read_checkpoint
@@ -42,3 +43,12 @@ def test_held_out_prompts_are_disjoint_from_training_and_answers_are_exact(tmp_p
     assert int(answer) == int(a) + int(b)
     prompt, answer = generators["brackets"](g)
     assert len(answer) == len(prompt) - 1
+
+
+def test_a_relative_root_gives_absolute_paths(tmp_path, monkeypatch):
+    """mergekit reads a relative model name that is no local directory as a hub id (its model
+    card step does, after training): the manifest names everything absolutely."""
+    monkeypatch.chdir(tmp_path)
+    manifest = build("lab", TINY, progress=False)
+    assert manifest["base"] == str(tmp_path / "lab" / "base")
+    assert all(os.path.isabs(path) for skill in manifest["skills"].values() for path in skill.values())

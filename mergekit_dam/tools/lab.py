@@ -162,6 +162,7 @@ def build(root: str, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
+    root = os.path.abspath(root)  # the manifest's paths: a relative one reads as a hub id to mergekit
     manifest_path = os.path.join(root, "lab.json")
     if os.path.exists(manifest_path):
         with open(manifest_path, encoding="utf-8") as handle:
