@@ -62,3 +62,15 @@ def test_schedules():
     assert cosine(6) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
     linear = lr_factor(DamSettings(schedule="linear"), 4)
     assert [linear(s) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+
+
+def test_time_based_checkpoints():
+    param = torch.nn.Parameter(torch.zeros(1))
+    saved = []
+    fit(Stage([param], 4, quadratic(param, [1.0])), DamSettings(checkpoint_minutes=1e-9), Bar(),
+        save=lambda step, optimizer, history: saved.append(step))
+    assert saved == [1, 2, 3]  # due after every step here; never after the last
+    saved.clear()
+    fit(Stage([param], 4, quadratic(param, [1.0])), DamSettings(checkpoint_minutes=0), Bar(),
+        save=lambda step, optimizer, history: saved.append(step))
+    assert saved == []

@@ -156,3 +156,33 @@ def test_a_run_writes_only_to_its_output_artifact_and_cache_dirs(lab, tmp_path):
     assert new == set(), new  # nothing next to the models or data, nothing else in the working dir
     cached = [f for _, _, files in os.walk(tmp_path / "cache") for f in files]
     assert "coefficients.safetensors" in cached and "coefficients.report.json" in cached
+
+
+def test_sigterm_checkpoints_and_the_same_command_resumes(lab, tmp_path):
+    """Resume is on by default (checkpoint_minutes): SIGTERM ends the step, writes a
+    checkpoint and exits 143; the same command resumes to what an uninterrupted run learns."""
+    settings = {"steps": 80}
+    reference = tmp_path / "reference.safetensors"
+    train(lab_config(lab, reference, **settings))
+
+    artifact = tmp_path / "stopped.safetensors"
+    config = write_config(tmp_path / "dam.yml", lab_config(lab, artifact, **settings))
+    command = [os.path.join(BIN, "mergekit-dam"), "train", config]
+    process = subprocess.Popen(command, env=environment(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "first step took" not in seen and process.poll() is None:
+        seen += process.stderr.readline()
+    assert process.poll() is None, "training ended before the signal: " + seen[-2000:]
+    process.send_signal(signal.SIGTERM)
+    rest = process.stderr.read()
+    assert process.wait() == 143, rest[-2000:]
+    assert "stopped after step" in rest and "Traceback" not in rest
+    checkpoint = str(artifact) + ".ckpt"
+    assert not artifact.exists() and os.path.exists(checkpoint)
+
+    resumed = subprocess.run(command, env=environment(tmp_path), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr
+    a, b = load_file(str(reference)), load_file(str(artifact))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert not os.path.exists(checkpoint)

@@ -111,6 +111,9 @@ class DamSettings(BaseModel):
         "rebuild each decoder layer's merged weights and activations in backward (activation checkpointing) instead "
         "of keeping them: one layer's merged copy at a time, about 1/3 more compute; `false` is faster where memory "
         "allows"))
+    checkpoint_minutes: float = Field(5.0, ge=0, description=(
+        "also write a training checkpoint every this many minutes (0: off), and one on SIGINT/SIGTERM before stopping, "
+        "so that the same command resumes a killed run (end-to-end mode)"))
     checkpoint_every: int = Field(0, ge=0, description=(
         "training checkpoint (`<artifact>.ckpt`) interval in steps, to resume after a kill (0: none)"))
 

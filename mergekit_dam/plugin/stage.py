@@ -43,7 +43,7 @@ from mergekit_dam.training.data import is_local
 LOG = logging.getLogger("mergekit_dam")
 
 # Settings that choose where or how fast training runs, not what it learns.
-NOT_IN_KEY = ("coefficients", "retrain", "train_device", "train_dtype", "checkpoint_every", "recompute", "processes")
+NOT_IN_KEY = ("coefficients", "retrain", "train_device", "train_dtype", "checkpoint_every", "checkpoint_minutes", "recompute", "processes")
 
 
 @dataclass(frozen=True)

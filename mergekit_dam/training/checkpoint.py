@@ -69,13 +69,13 @@ class Checkpoints:
     checkpoint or measures step 0 (`measure()`, the linear average's held-out KL, which
     then travels in the history), `save` writes one, `remove` deletes it once the run ends."""
 
-    def __init__(self, artifact_path: str, key: str, raw: Dict[str, torch.nn.Parameter], every: int, steps: int):
-        self.path, self.key, self.raw, self.every, self.steps = checkpoint_path(artifact_path), key, raw, every, steps
+    def __init__(self, artifact_path: str, key: str, raw: Dict[str, torch.nn.Parameter], enabled: bool, steps: int):
+        self.path, self.key, self.raw, self.enabled, self.steps = checkpoint_path(artifact_path), key, raw, enabled, steps
         self.kl_start: Dict[str, float] = {}
         self.first_step = 0
 
     def begin(self, optimizer, measure):
-        resumed = load_checkpoint(self.path, self.key, self.raw, optimizer) if self.every else None
+        resumed = load_checkpoint(self.path, self.key, self.raw, optimizer) if self.enabled else None
         if resumed:
             LOG.info("dam: resuming from %s at step %d of %d", self.path, resumed[0], self.steps)
             self.first_step, self.kl_start = resumed[0], resumed[1][0]["held_out_kl"]

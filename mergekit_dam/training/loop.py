@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -38,42 +40,89 @@ def fit(stage: Stage, settings: DamSettings, progress, *, ranks=None, begin: Opt
     """Run the stage; returns its history (one entry per step: step, loss, kl, tokens,
     and stage when named). `begin(optimizer)`, once before the first step: (first step,
     history so far) of a resumed run, or None; `save(step, optimizer, history)` every
-    `checkpoint_every` steps; `ranks`: the process group of a sharded run."""
+    `checkpoint_every` steps, every `checkpoint_minutes`, and on SIGINT/SIGTERM before the
+    run stops; `ranks`: the process group of a sharded run."""
     optimizer = torch.optim.AdamW(stage.params, lr=settings.lr, weight_decay=settings.weight_decay)
     factor = lr_factor(settings, stage.steps)
     first, history = (begin(optimizer) if begin else None) or (0, [])
     progress.update(first)
-    clock = time.perf_counter()
+    clock = last_save = time.perf_counter()
     tokens_seen = 0
-    for step in range(first, stage.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr * factor(step)
-        loss, tokens, kls = _accumulate(stage, settings, step, ranks)
-        _check_finite(loss, step, stage.name, settings)
-        if settings.grad_clip:
-            torch.nn.utils.clip_grad_norm_(stage.params, settings.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        history.append({**({"stage": stage.name} if stage.name else {}), "step": step + 1, "loss": loss, "kl": kls, "tokens": tokens})
-        tokens_seen += tokens
-        if log_eta and step == first and stage.steps - first > 1:
-            per_step = time.perf_counter() - clock
-            LOG.info("dam: first step took %.2f s: about %.1f min for the remaining %d steps",
-                     per_step, per_step * (stage.steps - step - 1) / 60, stage.steps - step - 1)
-        progress.update(1)
-        progress.set_postfix(**({"stage": stage.name} if stage.name else {}), loss=f"{loss:.4f}",
-                             **{f"kl{i}": f"{v:.3f}" for i, v in enumerate(kls.values())},
-                             tok_s=f"{tokens_seen / max(time.perf_counter() - clock, 1e-9):.0f}")
-        if save and settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0 and step + 1 < stage.steps:
-            save(step + 1, optimizer, history)
+    with Interrupts(enabled=save is not None) as interrupts:
+        for step in range(first, stage.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * factor(step)
+            timely = bool(settings.checkpoint_minutes) and time.perf_counter() - last_save >= 60 * settings.checkpoint_minutes
+            loss, tokens, kls, (timely, stop) = _accumulate(stage, settings, step, ranks, (timely, interrupts.signal is not None))
+            _step(stage, settings, optimizer, step, loss)
+            history.append({**({"stage": stage.name} if stage.name else {}), "step": step + 1, "loss": loss, "kl": kls, "tokens": tokens})
+            tokens_seen += tokens
+            if log_eta and step == first and stage.steps - first > 1:
+                per_step = time.perf_counter() - clock
+                LOG.info("dam: first step took %.2f s: about %.1f min for the remaining %d steps",
+                         per_step, per_step * (stage.steps - step - 1) / 60, stage.steps - step - 1)
+            progress.update(1)
+            progress.set_postfix(**({"stage": stage.name} if stage.name else {}), loss=f"{loss:.4f}",
+                                 **{f"kl{i}": f"{v:.3f}" for i, v in enumerate(kls.values())},
+                                 tok_s=f"{tokens_seen / max(time.perf_counter() - clock, 1e-9):.0f}")
+            due = settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0
+            if save and (due or timely or stop) and step + 1 < stage.steps:
+                save(step + 1, optimizer, history)
+                last_save = time.perf_counter()
+                if stop:
+                    interrupts.stop(step + 1)
     return history
 
 
-def _accumulate(stage: Stage, settings: DamSettings, step: int, ranks) -> tuple:
+def _step(stage: Stage, settings: DamSettings, optimizer, step: int, loss: float) -> None:
+    """The optimizer step, after the non-finite check and clipping."""
+    _check_finite(loss, step, stage.name, settings)
+    if settings.grad_clip:
+        torch.nn.utils.clip_grad_norm_(stage.params, settings.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class Interrupts:
+    """SIGINT and SIGTERM while a checkpointing run trains: the step in progress ends, a
+    checkpoint is written, and the run stops (`stop`); a second signal stops at once.
+    Installed only in the main thread (where Python delivers signals)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signal: Optional[int] = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> "Interrupts":
+        if self.enabled:
+            self.previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number, frame) -> None:
+        if self.signal is not None:  # asked twice: no checkpoint, stop now
+            raise KeyboardInterrupt
+        self.signal = number
+        LOG.warning("dam: %s: finishing this step and writing a checkpoint (again to stop at once)", signal.Signals(number).name)
+
+    def stop(self, step: int) -> None:
+        LOG.warning("dam: stopped after step %d with a checkpoint; run the same command again to resume", step)
+        if self.signal == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + self.signal)
+
+
+def _accumulate(stage: Stage, settings: DamSettings, step: int, ranks, flags: tuple) -> tuple:
     """Forward and backward of this rank's micro-batches of `step`: (mean loss, tokens,
-    mean KL per row) over all ranks. The loss is scaled so that the gradient is the mean
-    over the step's micro-batches (FSDP averages over the ranks), and the figures stay
-    on the device until the step ends: one host sync per step."""
+    mean KL per row, flags) over all ranks. The loss is scaled so that the gradient is the
+    mean over the step's micro-batches (FSDP averages over the ranks), and the figures stay
+    on the device until the step ends: one host sync per step. `flags` (checkpoint due,
+    stop asked) travel in the same reduction, so every rank agrees on them."""
     world, rank = (ranks.world, ranks.rank) if ranks else (1, 0)
     sums: Optional[torch.Tensor] = None
     names: List[str] = []
@@ -86,11 +135,12 @@ def _accumulate(stage: Stage, settings: DamSettings, step: int, ranks) -> tuple:
         sums = values if sums is None else sums + values
         (loss * world / settings.grad_accum).backward()
         del loss
+    sums = torch.cat([sums, torch.tensor([float(flag) for flag in flags], dtype=sums.dtype, device=sums.device)])
     if ranks:
         sums = ranks.sum(sums)
     sums = sums.cpu()
-    kls: Dict[str, float] = {name: float(value) / settings.grad_accum for name, value in zip(names, sums[2:])}
-    return float(sums[0]) / settings.grad_accum, int(sums[1]), kls
+    kls: Dict[str, float] = {name: float(value) / settings.grad_accum for name, value in zip(names, sums[2 : 2 + len(names)])}
+    return float(sums[0]) / settings.grad_accum, int(sums[1]), kls, tuple(bool(value > 0) for value in sums[2 + len(names) :])
 
 
 def _check_finite(loss: float, step: int, stage: Optional[str], settings: DamSettings) -> None:

@@ -62,7 +62,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
         return held_out_kl(job.rows, held_out, lambda b: view.merged_logits(b.ids.to(device), b.mask.to(device))[0],
                            lambda i, b: view.expert_logits(i, b.ids.to(device), b.mask.to(device)), settings.temperature, device)
 
-    checkpoints = Checkpoints(artifact_path, key, raw, settings.checkpoint_every, steps)
+    checkpoints = Checkpoints(artifact_path, key, raw, bool(settings.checkpoint_every or settings.checkpoint_minutes), steps)
 
     def micro_batch(step: int, micro: int) -> tuple:
         batch = _micro_batch(data, settings, step * settings.grad_accum + micro)
