@@ -46,3 +46,11 @@ def test_summary_statistics_heatmap_and_cli(tmp_path, capsys):
             assert handle.read(4) == b"\x89PNG"
     assert cli(["inspect", path, "--out", str(tmp_path / "cli")]) == 0
     assert "heatmap:" in capsys.readouterr().out
+
+
+def test_cli_missing_artifact_is_one_line_and_quiet_works_after_the_subcommand(tmp_path, capsys):
+    missing = str(tmp_path / "nope.safetensors")
+    assert cli(["inspect", missing, "-q"]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "cannot read coefficients file" in error and missing in error
+    assert cli(["-q", "inspect", missing]) == 1

@@ -155,7 +155,10 @@ _OPEN_LOCK = threading.Lock()
 
 def open_artifact(path: str) -> Artifact:
     """Open once per file version (path, inode, mtime, size); safe from mergekit's worker threads."""
-    stat = os.stat(path)
+    try:
+        stat = os.stat(path)
+    except OSError as error:
+        raise DamError(f"dam: cannot read coefficients file {path} ({error.strerror}); check the path") from None
     key = (os.path.abspath(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
     with _OPEN_LOCK:
         if key not in _OPEN:
