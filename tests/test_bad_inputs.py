@@ -98,6 +98,14 @@ def good_tables(lab, rows=None, nan=False, widen=False):
     return tables
 
 
+def with_nan(lab, tmp):
+    target = copy_model(lab["experts"][2], tmp / "nan")
+    tensors = load_file(os.path.join(target, "model.safetensors"))
+    tensors["model.layers.0.self_attn.o_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, os.path.join(target, "model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
 def truncated(lab, path):
     write_artifact(path, good_tables(lab), lab["experts"])
     data = open(path, "rb").read()
@@ -130,6 +138,7 @@ CASES = [
     ("tied and untied mix", tied_base, DamError, "mix tied and untied embeddings"),
     ("missing tensor", with_model(without_tensor), DamError, "tensor model.layers.1.mlp.up_proj.weight is missing from"),
     ("pickle-only checkpoint", with_model(pickled), DamError, "only pickle (.bin) weights"),
+    ("NaN in an expert's weights", with_model(with_nan), DamError, "nan has NaN or Inf values in tensor model.layers.0.self_attn.o_proj.weight"),
     # data
     ("missing data file", with_dataset(lambda tmp: str(tmp / "nope.jsonl")), DamError, "does not exist; fix the path"),
     ("empty data file", with_dataset(lambda tmp: write_data(tmp, "")), DamError, "is empty; give it examples or remove it"),

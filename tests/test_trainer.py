@@ -321,3 +321,9 @@ def test_task_vectors_need_a_base_model(lab, tmp_path):
     config = lab_config(lab, tmp_path / "c.safetensors", parametrization="task_vectors")
     del config["base_model"]
     _reject(config, tmp_path, "parametrization: task_vectors.*needs a `base_model:`")
+
+
+def test_max_length_beyond_the_model_positions_is_cut_with_a_warning(lab, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="mergekit_dam"):
+        train_stage(lab_config(lab, tmp_path / "c.safetensors", max_length=100_000, steps=2))
+    assert "max_length 100000 exceeds the model's max_position_embeddings 256; examples are cut at 256" in caplog.text

@@ -252,12 +252,18 @@ def prepare_data(job) -> ExpertData:
     """Tokenise every expert's data; the last 10% of each shuffled set (at least 1, at
     most HELD_OUT_MAX) is held out for the report."""
     settings = job.settings
+    positions = getattr(job.out_config, "max_position_embeddings", None)
+    max_length = settings.max_length
+    if positions and max_length > positions:  # longer inputs would be positions the model never saw
+        LOG.warning("dam: max_length %d exceeds the model's max_position_embeddings %d; examples are cut at %d",
+                    max_length, positions, positions)
+        max_length = positions
     pad_id = job.tokenizer.pad_token_id if job.tokenizer.pad_token_id is not None else (job.tokenizer.eos_token_id or 0)
     experts = [index for index, row in enumerate(job.rows) if row in job.data]
     train, held_out = {}, {}
     for index in experts:
         row = job.rows[index]
-        sequences = tokenize(job.data[row], job.tokenizer, row, samples=settings.samples, max_length=settings.max_length,
+        sequences = tokenize(job.data[row], job.tokenizer, row, samples=settings.samples, max_length=max_length,
                              seed=settings.seed, loss_on=settings.loss_on)
         keep = max(1, min(HELD_OUT_MAX, len(sequences) // 10)) if len(sequences) >= 2 else 0
         train[index] = sequences[: len(sequences) - keep] if keep else sequences

@@ -27,13 +27,20 @@ class ExpertStacks(Mapping):
     input checkpoints when asked for (the view asks once per tensor, group by group)."""
 
     def __init__(self, job, device: torch.device, dtype: torch.dtype):
+        self.models = [str(model) for model in job.models]
         self.loaders = [tensor_loader(model) for model in job.models]
         self.specs = {spec.name: spec for spec in job.tensors}
         self.device, self.dtype = device, dtype
 
     def __getitem__(self, name: str) -> torch.Tensor:
         sources = self.specs[name].sources
-        return stack_experts((loader.get_tensor(source, device="cpu") for loader, source in zip(self.loaders, sources)), self.device, self.dtype)
+        stack = stack_experts((loader.get_tensor(source, device="cpu") for loader, source in zip(self.loaders, sources)), self.device, self.dtype)
+        finite = torch.isfinite(stack.reshape(len(self.models), -1)).all(dim=1)
+        if not bool(finite.all()):  # training would only report a NaN loss, not its cause
+            bad = [model for model, ok in zip(self.models, finite.tolist()) if not ok]
+            raise DamError(f"dam: {bad[0]} has NaN or Inf values in tensor {name} (as {self.dtype}); "
+                           "fix or replace that model (or its train_dtype overflows: use train_dtype: float32)")
+        return stack
 
     def __iter__(self):
         return iter(self.specs)
