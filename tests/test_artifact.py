@@ -100,3 +100,20 @@ def test_open_artifact_rereads_a_rewritten_file(tmp_path):
     assert open_artifact(path) is first
     write_artifact(path, {"w": torch.rand(2, 8)}, MODELS)
     assert open_artifact(path).shapes == {"w": (2, 8)}
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    """Atomic writes go through a private temp file; the result must follow the umask like
+    any file a teammate on a shared filesystem reads."""
+    import stat
+
+    from mergekit_dam.atomic import atomic_write_text
+
+    previous = os.umask(0o022)
+    try:
+        write_artifact(str(tmp_path / "c.safetensors"), {"w": torch.ones(2, 3)}, ["a", "b"])
+        atomic_write_text(str(tmp_path / "r.json"), "{}")
+    finally:
+        os.umask(previous)
+    for name in ("c.safetensors", "r.json"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644, name
