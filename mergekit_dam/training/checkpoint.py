@@ -23,7 +23,6 @@ def checkpoint_path(artifact_path: str) -> str:
 
 def save_checkpoint(path: str, key: str, step: int, raw: Dict[str, torch.nn.Parameter], optimizer, history: list) -> None:
     """Whole tensors (gathered from the ranks when sharded), written by rank 0."""
-
     tensors = {f"raw/{name}": distributed.full(p.detach()) for name, p in raw.items()}
     for name, p in raw.items():
         state = optimizer.state.get(p, {})
@@ -61,7 +60,6 @@ def load_checkpoint(path: str, key: str, raw: Dict[str, torch.nn.Parameter], opt
                     "exp_avg_sq": distributed.like(p, tensors[f"exp_avg_sq/{name}"]),
                 }
     return int(metadata["step"]), json.loads(metadata["history"])
-
 
 
 class Checkpoints:

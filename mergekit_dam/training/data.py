@@ -74,7 +74,6 @@ def load_records(settings: ModelSettings, model: str):
     return records
 
 
-ALPACA_FIELDS = ("instruction", "input", "output")
 # The Stanford Alpaca prompt (the reference implementation's data format), for tokenizers without a chat template.
 ALPACA_PROMPT = ("Below is an instruction that describes a task{context}. Write a response that appropriately completes "
                  "the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
@@ -140,10 +139,11 @@ def _render_chat(messages: List[dict], tokenizer) -> tuple:
         if text.startswith(before) and text.startswith(through) and len(through) > len(before):
             spans.append((len(before), len(through)))
         else:  # a template that renders turns differently in context: find the reply itself
-            start = text.find(str(message.get("content", "")), cursor)
+            reply = str(message.get("content", ""))
+            start = text.find(reply, cursor)
             if start < 0:
                 continue
-            spans.append((start, start + len(str(message.get("content", "")))))
+            spans.append((start, start + len(reply)))
         cursor = spans[-1][1]
     return text, spans
 

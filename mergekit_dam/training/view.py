@@ -102,6 +102,16 @@ class TaskVectors:
         return torch.cat([values[: self.base_row], base, values[self.base_row :]])
 
 
+def decoder_zeros(skeleton: torch.nn.Module, layers_prefix: str) -> Dict[str, torch.Tensor]:
+    """Zeros for the decoder's own 1-D weights (its final norm), by their names inside the
+    decoder: a run without the head needs them but never uses them, since the layers'
+    inputs and outputs do not pass through them."""
+    decoder_prefix, layers_name = layers_prefix.rsplit(".", 1)
+    device = next((b.device for b in skeleton.buffers()), torch.device("cpu"))
+    return {name: torch.zeros(p.shape, device=device) for name, p in skeleton.get_submodule(decoder_prefix).named_parameters()
+            if p.ndim <= 1 and not name.startswith(layers_name + ".")}
+
+
 class Coefficients(torch.nn.Module):
     """One group's coefficient tables: raw float32 parameters for the tensors that train
     (effective [N, D] table = parametrization.table(f(raw))), fixed starting tables for the rest."""
@@ -264,7 +274,8 @@ class MergedModel(torch.nn.Module):
         self._plan = _Plan()  # the plan of the forward in progress (every layer runs merged outside one)
 
         prefix, layers = decoder_layers(skeleton)
-        self.decoder_prefix, self.layers_name = prefix.rsplit(".", 1)  # the module that runs the layers (e.g. "model"), and their list
+        self.decoder_prefix = prefix.rsplit(".", 1)[0]  # the module that runs the layers (e.g. "model")
+        self._decoder_zeros = decoder_zeros(skeleton, prefix)
         embedding = skeleton.get_input_embeddings()
         embed_prefix = next(name for name, module in skeleton.named_modules() if module is embedding)
         members: Dict[str, List[str]] = {"embed": []}
@@ -364,22 +375,13 @@ class MergedModel(torch.nn.Module):
             module = self.skeleton.get_submodule(self.decoder_prefix)
             start = len(self.decoder_prefix) + 1
             names = {name[start:]: weight for name, weight in names.items() if name.startswith(self.decoder_prefix + ".")}
-            names = {**self._placeholders(module, names), **names}
+            names = {**self._decoder_zeros, **names}
         self._plan = plan
         try:
             output = functional_call(module, names, args=(), kwargs=dict(**inputs, attention_mask=attention_mask, use_cache=False))
         finally:
             self._plan = _Plan()
         return (None if decoder_only else output.logits), plan
-
-    def _placeholders(self, decoder: torch.nn.Module, given) -> Dict[str, torch.Tensor]:
-        """Zeros for the decoder's own 1-D weights (its final norm) that a run without the
-        head does not provide: the layers' outputs never pass through them."""
-        if not hasattr(self, "_zeros"):
-            device = next((b.device for b in self.skeleton.buffers()), torch.device("cpu"))
-            self._zeros = {name: torch.zeros(p.shape, device=device) for name, p in decoder.named_parameters()
-                           if p.ndim <= 1 and ".layers." not in f".{name}" and not name.startswith(self.layers_name)}
-        return {name: zeros for name, zeros in self._zeros.items() if name not in given}
 
     # --- coefficients ---------------------------------------------------------------
 

@@ -69,16 +69,22 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
         loss, kls = micro_batch_loss(view, data.experts, batch, teacher, settings, device)
         return loss, batch.mask.sum(), {job.rows[i]: kl for i, kl in kls.items()}
 
+    clock = [time.perf_counter()]
+
+    def begin(optimizer):
+        resumed = checkpoints.begin(optimizer, evaluate)
+        clock[0] = time.perf_counter()  # tokens/s counts training, not the step-0 evaluation
+        return resumed
+
     progress = tqdm(total=steps, desc="DAM training", disable=job.quiet or not distributed.is_main())
-    clock = time.perf_counter()
-    history = fit(Stage(list(raw.values()), steps, micro_batch), settings, progress, ranks=ranks,
-                  begin=lambda optimizer: checkpoints.begin(optimizer, evaluate), save=checkpoints.save, log_eta=True)
+    history = fit(Stage(list(raw.values()), steps, micro_batch), settings, progress, ranks=ranks, begin=begin,
+                  save=checkpoints.save, log_eta=True)
     progress.close()
 
     coefficients, kl_start, kl_end = view.tables(), checkpoints.kl_start, evaluate()
     report = TrainingReport(
         mode="end_to_end", steps=steps, device=str(device), processes=ranks.world if ranks else 1, dtype=dtype_name(dtype),
-        seconds=time.perf_counter() - started, tokens_per_second=_tokens_per_second(history[checkpoints.first_step:], clock),
+        seconds=time.perf_counter() - started, tokens_per_second=_tokens_per_second(history[checkpoints.first_step:], clock[0]),
         peak_memory_bytes=peak_memory(device), trainable_coefficients=sum(p.numel() for p in raw.values()),
         held_out_kl={"step_0_linear_average": kl_start, "final": kl_end}, loss_curve=_curve(history), estimate=plan,
     )
