@@ -7,18 +7,20 @@ cut off at its limit still reports what ran).
     python benchmarks/gpu_check.py --out DIR --smoke             # the same steps at tiny geometry on CPU
 
 Steps, in order:
-  gpu_tests             `pytest -m gpu`: training on cuda (float32 and bf16 against the CPU
-                        run, top-K, resume, determinism), mergekit --cuda / --read-to-gpu /
-                        --multi-gpu apply, a one-process NCCL launch (FSDP on a world of one)
+  gpu_tests             `pytest -m gpu`: the fused kernels against the plain path, training
+                        on cuda (float32 and bf16 against the CPU run, top-K, resume,
+                        determinism), mergekit --cuda / --read-to-gpu / --multi-gpu apply, a
+                        one-process NCCL launch (FSDP on a world of one)
+  merge_kernels         the merge and its coefficient gradient alone at 7B shapes: plain vs
+                        Triton vs the memory floor
   train_step_{1b,7b}_*  gpu_train_step.py: DAM's step vs the plain-model floor, 3 experts,
-                        seq 2048, online and top-K teachers
+                        seq 2048, online and top-K teachers, one change at a time (kernels
+                        plain/fused, recompute layer/weights/none); 1B online adds the kernel
+                        tables of the floor and of the default step (torch profiler)
   train_1b              the real training stage at 1B (layerwise_peak.py): the estimate vs
                         the measured peak, end-to-end vs layer-wise peak
   apply_1b              apply_vs_linear.py --cuda: `dam` vs `linear` on the same ~1B models
   layerwise_7b          layerwise_peak.py at 7B (writes 42 GB of experts)
-  profile_1b            the kernel tables of one 1B floor call and one DAM step (torch profiler)
-  train_step_1b_no_recompute   the 1B step with merged weights and activations kept for backward
-  merge_kernels         the merge and its coefficient gradient alone at 7B shapes: eager vs fused
 A step starts only if its minimum time is left before the deadline.
 """
 
@@ -45,17 +47,24 @@ def steps(out: str, smoke: bool) -> list:
     per_test = ["--timeout", "120"] if importlib.util.find_spec("pytest_timeout") else []
     plan = [("gpu_tests", [py, "-m", "pytest", "-m", "gpu", "-q", "-rs", "--durations=10", *per_test,
                            "--junitxml", os.path.join(out, "gpu_tests.xml")], None, 240, 60)]
-    for geometry in ("1b", "7b"):
-        for teacher in ("online", "topk"):
-            name = f"train_step_{geometry}_{teacher}"
-            result = os.path.join(tmp, f"{name}.json")
-            args = [*tiny, "--warmup", "1", "--repeats", "2"] if smoke else ["--geometry", geometry]
-            plan.append((name, [py, os.path.join(HERE, "gpu_train_step.py"), *args, "--teacher", teacher, "--json", result],
-                         result, 150, 45 if geometry == "1b" else 75))
-    workdir = os.path.join(tmp, "train_1b")
-    args = tiny if smoke else ["--geometry", "1b", "--device", "cuda"]
-    plan.append(("train_1b", [py, os.path.join(HERE, "layerwise_peak.py"), *args, "--samples", "4", "--steps", "3", "--workdir", workdir],
-                 os.path.join(workdir, "layerwise_peak.json"), 150, 60))
+    result = os.path.join(tmp, "merge_kernels.json")
+    args = ["--device", "cpu", "--scale", "64", "--repeats", "3"] if smoke else []
+    plan.append(("merge_kernels", [py, os.path.join(HERE, "merge_kernels.py"), *args, "--json", result], result, 90, 30))
+    every = ["plain:layer", "fused:layer", "fused:weights", "fused:none"]
+    for geometry, teacher, variants, minimum in (("1b", "online", every, 45), ("7b", "online", every, 80),
+                                                 ("7b", "topk", ["fused:layer", "fused:weights"], 60), ("1b", "topk", every, 40)):
+        name = f"train_step_{geometry}_{teacher}"
+        result = os.path.join(tmp, f"{name}.json")
+        args = [*tiny, "--warmup", "1", "--repeats", "2"] if smoke else ["--geometry", geometry]
+        if name == "train_step_1b_online":
+            args += ["--profile", "fused:weights"]
+        plan.append((name, [py, os.path.join(HERE, "gpu_train_step.py"), *args, "--teacher", teacher, "--variants", *variants,
+                            "--json", result], result, 150, minimum))
+        if name == "train_step_7b_online":
+            workdir = os.path.join(tmp, "train_1b")
+            args = tiny if smoke else ["--geometry", "1b", "--device", "cuda"]
+            plan.append(("train_1b", [py, os.path.join(HERE, "layerwise_peak.py"), *args, "--samples", "4", "--steps", "3",
+                                      "--workdir", workdir], os.path.join(workdir, "layerwise_peak.json"), 150, 60))
     workdir = os.path.join(tmp, "apply_1b")
     args = ["--hidden", "64", "--layers", "2", "--vocab", "512"] if smoke else ["--hidden", "2048", "--layers", "16", "--cuda"]
     plan.append(("apply_1b", [py, os.path.join(HERE, "apply_vs_linear.py"), *args, "--repeats", "2", "--workdir", workdir],
@@ -64,16 +73,6 @@ def steps(out: str, smoke: bool) -> list:
     args = tiny if smoke else ["--geometry", "7b", "--device", "cuda"]
     plan.append(("layerwise_7b", [py, os.path.join(HERE, "layerwise_peak.py"), *args, "--samples", "2", "--steps", "2", "--workdir", workdir],
                  os.path.join(workdir, "layerwise_peak.json"), 300, 150))
-    # for the performance work that follows: where a 1B step's time goes, and what recompute costs
-    result = os.path.join(tmp, "profile_1b.json")
-    args = [*tiny, "--warmup", "1", "--repeats", "2"] if smoke else ["--geometry", "1b"]
-    plan.append(("profile_1b", [py, os.path.join(HERE, "gpu_train_step.py"), *args, "--profile", "--json", result], result, 120, 40))
-    result = os.path.join(tmp, "train_step_1b_no_recompute.json")
-    plan.append(("train_step_1b_no_recompute", [py, os.path.join(HERE, "gpu_train_step.py"), *args, "--no-recompute", "--json", result],
-                 result, 120, 40))
-    result = os.path.join(tmp, "merge_kernels.json")
-    args = ["--device", "cpu", "--scale", "64", "--repeats", "3"] if smoke else []
-    plan.append(("merge_kernels", [py, os.path.join(HERE, "merge_kernels.py"), *args, "--json", result], result, 150, 40))
     return plan
 
 

@@ -3,23 +3,30 @@
     python benchmarks/gpu_train_step.py --geometry 1b   [--teacher online|topk] [--json out.json]
     python benchmarks/gpu_train_step.py --geometry 7b
     python benchmarks/gpu_train_step.py --geometry tiny --device cpu   # numerics/smoke on CPU
-    python benchmarks/gpu_train_step.py --geometry 1b --profile        # + kernel tables (torch profiler)
+    python benchmarks/gpu_train_step.py --geometry 1b --profile fused:weights   # + kernel tables (torch profiler)
+    python benchmarks/gpu_train_step.py --variants plain:layer fused:layer fused:weights fused:none
 
 Experts = one random base + small perturbations, built directly on the device in bf16
 (N experts, batch 1 sequence of `--seq` tokens per expert). The DAM step is the trainer's
 own `micro_batch_loss` (modes/end_to_end.py) + backward + AdamW step, the code path `mergekit-yaml` runs. The
 floor, measured first in the same process on the same device with one plain bf16 HF
 model of the same geometry: online teachers N x (fwd+bwd) + N x fwd; top-K teachers
-N x (fwd+bwd). Reports medians (and spread) after warm-up, peak memory, and ratios.
+N x (fwd+bwd). Each variant KERNELS:RECOMPUTE (kernels `plain` or `fused`, recompute
+`layer`, `weights` or `none`) is timed on the same view and stacks, one change at a time.
+Reports medians (and spread) after warm-up, peak memory, and ratios; the JSON is
+rewritten after each variant, so a run cut short keeps what it measured.
 """
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import time
 
 import torch
 
+from mergekit_dam.kernels import plain_kernels
 from mergekit_dam.plugin.config import DamSettings
 from mergekit_dam.training.data import Batch
 from mergekit_dam.training.modes.end_to_end import micro_batch_loss
@@ -102,11 +109,11 @@ def main():
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--teacher", choices=("online", "topk"), default="online")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--no-recompute", dest="recompute", action="store_false", help="keep merged weights and activations for backward")
+    parser.add_argument("--variants", nargs="+", default=["fused:weights"], help="KERNELS:RECOMPUTE, kernels plain|fused, recompute layer|weights|none")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json")
-    parser.add_argument("--profile", action="store_true", help="add the kernel tables of one floor call and one DAM step")
+    parser.add_argument("--profile", metavar="VARIANT", help="add the kernel tables of one floor call and one step of VARIANT")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, MistralConfig
 
@@ -148,7 +155,7 @@ def main():
         stacks[name] = stack
     del base
     reset_peak(device)  # the peak of training, not of building the stacks from the base's copy
-    view = MergedModel(build_skeleton(config, device), stacks, recompute=args.recompute)
+    view = MergedModel(build_skeleton(config, device), stacks)
     optimizer = torch.optim.AdamW(list(view.raw_parameters().values()), lr=1e-3)
     settings = DamSettings(batch_size=1, teacher=args.teacher, topk=128)
     experts = list(range(n))
@@ -163,32 +170,46 @@ def main():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    dam_times = timed(dam_step, device, args.warmup, args.repeats)
-    dam_peak = peak(device)
-    profiles = {"dam": kernel_table(dam_step, device)} if args.profile else None
-
+    floor_median = statistics.median(floor_times)
     result = {
-        "geometry": args.geometry, "experts": n, "recompute": args.recompute, "seq": seq, "teacher": args.teacher, "device": str(device),
+        "geometry": args.geometry, "experts": n, "seq": seq, "teacher": args.teacher, "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "floor_s": {"median": statistics.median(floor_times), "min": min(floor_times), "max": max(floor_times)},
-        "dam_s": {"median": statistics.median(dam_times), "min": min(dam_times), "max": max(dam_times)},
-        "ratio": statistics.median(dam_times) / statistics.median(floor_times),
-        "floor_peak_GiB": floor_peak / 2**30, "dam_peak_GiB": dam_peak / 2**30,
+        "floor_s": {"median": floor_median, "min": min(floor_times), "max": max(floor_times)},
+        "floor_peak_GiB": floor_peak / 2**30, "variants": {},
     }
-    if profiles:
-        result["profile"] = {"floor": floor_profile, **profiles}
     print(f"{args.geometry} x{n}, seq {seq}, {args.teacher} teachers on {result['gpu'] or device}")
-    print(f"  floor  median {result['floor_s']['median']:.4f} s  (min {result['floor_s']['min']:.4f}, max {result['floor_s']['max']:.4f})  peak {result['floor_peak_GiB']:.2f} GiB")
-    print(f"  DAM    median {result['dam_s']['median']:.4f} s  (min {result['dam_s']['min']:.4f}, max {result['dam_s']['max']:.4f})  peak {result['dam_peak_GiB']:.2f} GiB")
-    print(f"  ratio  {result['ratio']:.2f}x the floor")
-    for name, table in (result.get("profile") or {}).items():
+    print(f"  floor            median {floor_median:.4f} s  (min {min(floor_times):.4f}, max {max(floor_times):.4f})  peak {floor_peak / 2**30:.2f} GiB", flush=True)
+    profiles = {"floor": floor_profile} if args.profile else {}
+    for variant in [*args.variants, *([args.profile] if args.profile and args.profile not in args.variants else [])]:
+        kernels, view.recompute = variant.split(":")
+        reset_peak(device)
+        try:
+            with plain_kernels() if kernels == "plain" else contextlib.nullcontext():
+                times = timed(dam_step, device, args.warmup, args.repeats) if variant in args.variants else None
+                if variant == args.profile:
+                    profiles[variant] = kernel_table(dam_step, device)
+        except Exception as error:  # out of memory, or a kernel that fails: the other variants still run
+            optimizer.zero_grad(set_to_none=True)
+            result["variants"][variant] = {"status": f"{type(error).__name__}: {str(error)[:300]}", "peak_GiB": peak(device) / 2**30}
+            print(f"  {variant:16s} failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
+            continue
+        if times:
+            entry = {"s": {"median": statistics.median(times), "min": min(times), "max": max(times)},
+                     "ratio": statistics.median(times) / floor_median, "peak_GiB": peak(device) / 2**30}
+            result["variants"][variant] = entry
+            print(f"  {variant:16s} median {entry['s']['median']:.4f} s  (min {entry['s']['min']:.4f}, max {entry['s']['max']:.4f})  "
+                  f"peak {entry['peak_GiB']:.2f} GiB  ratio {entry['ratio']:.2f}x", flush=True)
+        if profiles:
+            result["profile"] = profiles
+        if args.json:
+            with open(args.json + ".tmp", "w") as handle:
+                json.dump(result, handle, indent=1)
+            os.replace(args.json + ".tmp", args.json)
+    for name, table in profiles.items():
         print(f"  {name}: {table['total_ms']:.1f} ms of device time; "
               + ", ".join(f"{kind} {share:.0%}" for kind, share in sorted(table["kinds"].items(), key=lambda kv: -kv[1])))
         for row in table["top"][:12]:
             print(f"    {row['share']:6.1%} {row['ms']:9.2f} ms {row['calls']:6d}x  {row['name'][:90]}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=1)
 
 
 if __name__ == "__main__":

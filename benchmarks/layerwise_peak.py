@@ -84,6 +84,7 @@ def main():
         results[mode] = {"fits": True, "peak_GiB": report["peak_memory_bytes"] / 2**30, "seconds": report["seconds"],
                          "tokens_per_second": report["tokens_per_second"]}
         estimate = (report.get("estimate") or {}).get("peak_bytes")
+        results[mode]["recompute"] = (report.get("estimate") or {}).get("recompute")
         if estimate:  # the pre-training estimate against what the run measured
             results[mode].update(estimate_GiB=estimate / 2**30, estimate_over_peak=estimate / report["peak_memory_bytes"])
         print(f"{mode:12s} peak {results[mode]['peak_GiB']:.2f} GiB"

@@ -1,8 +1,9 @@
-"""The merge and its coefficient gradient alone, at 7B shapes: today's eager kernels
-(view.ColumnMerge) against one fused pass each (torch.compile), and the memory floor.
+"""The merge and its coefficient gradient alone, at 7B shapes: the plain PyTorch path
+(kernels.py), the Triton kernels (fused.py), optionally one torch.compile expression
+each, and the memory floor.
 
-    python benchmarks/merge_kernels.py [--json out.json]            # on a GPU
-    python benchmarks/merge_kernels.py --device cpu --scale 64       # smoke: shapes / 64
+    python benchmarks/merge_kernels.py [--compile] [--json out.json]   # on a GPU
+    python benchmarks/merge_kernels.py --device cpu --scale 64          # smoke: shapes / 64
 
 Per weight shape of Mistral-7B, N = 3 bf16 experts, fp32 coefficients:
   forward   W = sum_i c_i[None, :] * W_i  (bf16 out, fp32 accumulation)
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from mergekit_dam.kernels import ColumnMerge, merge_stack
+from mergekit_dam.kernels import ColumnMerge, coefficient_grad, fused_for, merge_stack, plain_kernels
 
 # (rows, columns, tensors per 7B model)
 SHAPES_7B = [(4096, 4096, 64), (1024, 4096, 64), (14336, 4096, 64), (4096, 14336, 32), (32000, 4096, 2)]
@@ -33,12 +34,18 @@ def fused_backward(grad, experts):
     return (grad.float()[None] * experts.float()).sum(1)
 
 
+def eager_forward(coefficients, experts):
+    with plain_kernels():
+        return merge_stack(coefficients, experts)
+
+
 def eager_backward(coefficients, experts, grad):
-    """ColumnMerge's own backward, as autograd runs it."""
+    """ColumnMerge's own backward, as autograd runs it, on the plain path."""
     class Context:
         saved_tensors = (coefficients, experts)
 
-    return ColumnMerge.backward(Context(), grad)[0]
+    with plain_kernels():
+        return ColumnMerge.backward(Context(), grad)[0]
 
 
 def median_ms(fn, device, repeats):
@@ -70,13 +77,21 @@ def main():
     parser.add_argument("--experts", type=int, default=3)
     parser.add_argument("--scale", type=int, default=1, help="divide every shape by this (smoke runs)")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--compile", action="store_true", help="also time one torch.compile expression each")
     parser.add_argument("--json")
     args = parser.parse_args()
     device, n = torch.device(args.device), args.experts
     bandwidth = copy_bandwidth(device, args.repeats)
-    forward_c = torch.compile(fused_forward, dynamic=True)
-    backward_c = torch.compile(fused_backward, dynamic=True)
-    rows_out, per_step = [], {"eager": 0.0, "fused": 0.0, "floor": 0.0}
+    forwards = {"eager": eager_forward}
+    backwards = {"eager": lambda c, e, g: eager_backward(c, e, g)}
+    if device.type == "cuda" and fused_for(torch.empty(2, 2, 2, device=device)) is not None:
+        forwards["triton"] = merge_stack
+        backwards["triton"] = lambda c, e, g: coefficient_grad(g, e, torch.float32)
+    if args.compile:
+        forward_c, backward_c = torch.compile(fused_forward, dynamic=True), torch.compile(fused_backward, dynamic=True)
+        forwards["compiled"] = forward_c
+        backwards["compiled"] = lambda c, e, g: backward_c(g, e)
+    rows_out, per_step = [], {**{version: 0.0 for version in forwards}, "floor": 0.0}
     generator = torch.Generator(device=device).manual_seed(0)
     for rows, columns, count in SHAPES_7B:
         rows, columns = max(8, rows // args.scale), max(8, columns // args.scale)
@@ -90,23 +105,21 @@ def main():
             return float((value.double() - reference).norm() / reference.norm())
 
         row = {"shape": [rows, columns], "per_model": count}
-        row["forward_error"] = {"eager": error(merge_stack(coefficients, experts), reference_w), "fused": error(forward_c(coefficients, experts), reference_w)}
-        row["backward_error"] = {"eager": error(eager_backward(coefficients, experts, grad), reference_g), "fused": error(backward_c(grad, experts), reference_g)}
-        row["forward_ms"] = {"eager": median_ms(lambda: merge_stack(coefficients, experts), device, args.repeats),
-                             "fused": median_ms(lambda: forward_c(coefficients, experts), device, args.repeats)}
-        row["backward_ms"] = {"eager": median_ms(lambda: eager_backward(coefficients, experts, grad), device, args.repeats),
-                              "fused": median_ms(lambda: backward_c(grad, experts), device, args.repeats)}
+        row["forward_error"] = {v: error(f(coefficients, experts), reference_w) for v, f in forwards.items()}
+        row["backward_error"] = {v: error(b(coefficients, experts, grad), reference_g) for v, b in backwards.items()}
+        row["forward_ms"] = {v: median_ms(lambda: f(coefficients, experts), device, args.repeats) for v, f in forwards.items()}
+        row["backward_ms"] = {v: median_ms(lambda: b(coefficients, experts, grad), device, args.repeats) for v, b in backwards.items()}
         floor = (n + 1) * rows * columns * 2 / bandwidth * 1e3
         row["floor_ms"] = floor
-        for version in ("eager", "fused"):
+        for version in forwards:
             per_step[version] += count * (2 * row["forward_ms"][version] + row["backward_ms"][version])
         per_step["floor"] += count * 3 * floor
         rows_out.append(row)
-        print(f"{rows:6d} x {columns:6d}  forward eager {row['forward_ms']['eager']:7.3f} ms  fused {row['forward_ms']['fused']:7.3f}"
-              f"  | backward eager {row['backward_ms']['eager']:7.3f}  fused {row['backward_ms']['fused']:7.3f}  | floor {floor:7.3f} ms"
-              f"  | errors fwd {row['forward_error']['fused']:.1e} bwd {row['backward_error']['fused']:.1e}", flush=True)
+        print(f"{rows:6d} x {columns:6d}  floor {floor:7.3f} ms | "
+              + " | ".join(f"{v}: merge {row['forward_ms'][v]:7.3f} grad {row['backward_ms'][v]:7.3f} "
+                           f"(errors {row['forward_error'][v]:.1e}, {row['backward_error'][v]:.1e})" for v in forwards), flush=True)
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; per 7B step with recompute (2 merges + 1 gradient per weight): "
-          f"eager {per_step['eager']:.0f} ms, fused {per_step['fused']:.0f} ms, floor {per_step['floor']:.0f} ms")
+          + ", ".join(f"{v} {ms:.0f} ms" for v, ms in per_step.items()))
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "experts": n, "scale": args.scale,
               "copy_bandwidth_TBps": bandwidth / 1e12, "shapes": rows_out, "per_7b_step_ms": per_step}
     if args.json:

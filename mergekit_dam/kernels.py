@@ -3,14 +3,68 @@ axis (one coefficient per input column), accumulated in float32 (float64 for flo
 inputs), and its coefficient gradient dL/dc_i = sum over rows of dL/dW * W_i.
 
 The apply kernel merges mergekit's tensors (a list); the training view merges a stacked
-[N, ...] tensor and differentiates through `ColumnMerge`. A fused GPU kernel plugs in here.
+[N, ...] tensor and differentiates through `ColumnMerge`. On a GPU with Triton the stacked
+merge and its gradient run as one fused pass each (`fused.py`); this module is the one
+place that chooses, and its plain PyTorch path is the reference the fused kernels are
+tested against (and what runs on CPU). `MERGEKIT_DAM_FUSED=0` turns the fused path off.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import functools
+import logging
+import os
+from typing import Callable, Optional, Sequence
 
 import torch
+
+_FUSED = {"enabled": os.environ.get("MERGEKIT_DAM_FUSED", "1") != "0"}
+LOG = logging.getLogger("mergekit_dam")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton():
+    try:
+        from mergekit_dam import fused
+    except ImportError:  # no triton: the plain path
+        return None
+    return fused
+
+
+def fused_for(experts: torch.Tensor):
+    """The fused kernels' module when they take this stack (a contiguous CUDA stack of
+    matrices or vectors in a float dtype they accumulate exactly), else None."""
+    if not (_FUSED["enabled"] and experts.is_cuda and experts.ndim >= 2 and experts.is_contiguous()
+            and experts.dtype in (torch.bfloat16, torch.float16, torch.float32) and type(experts) in (torch.Tensor, torch.nn.Parameter)):
+        return None
+    return _triton()
+
+
+def _fused_else_plain(fused_call: Optional[Callable], plain_call: Callable) -> torch.Tensor:
+    """The fused kernel's result; if Triton cannot build or launch it on this GPU, the
+    plain path from now on, said once (the same result up to float32 rounding)."""
+    if fused_call is not None:
+        try:
+            return fused_call()
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:  # a compiler or driver the kernels do not support
+            LOG.warning("dam: the fused Triton kernels failed on this GPU (%s: %s); using the plain PyTorch path",
+                        type(error).__name__, (str(error).splitlines() or [""])[0])
+            _FUSED["enabled"] = False
+    return plain_call()
+
+
+@contextlib.contextmanager
+def plain_kernels():
+    """Within: the plain PyTorch path everywhere (benchmarks and tests compare against it)."""
+    before = _FUSED["enabled"]
+    _FUSED["enabled"] = False
+    try:
+        yield
+    finally:
+        _FUSED["enabled"] = before
 
 
 def combine(weights: Sequence[torch.Tensor], coefficients: torch.Tensor) -> torch.Tensor:
@@ -32,12 +86,19 @@ def combine(weights: Sequence[torch.Tensor], coefficients: torch.Tensor) -> torc
 
 def merge_stack(coefficients: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """combine() over a stacked [N, ...] tensor, returned in the experts' dtype."""
-    return combine(experts, coefficients).to(experts.dtype)
+    fused = fused_for(experts)
+    return _fused_else_plain(fused and (lambda: fused.merge_stack(coefficients, experts)),
+                             lambda: combine(experts, coefficients).to(experts.dtype))
 
 
 def coefficient_grad(grad: torch.Tensor, experts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """dL/dc [N, D] from dL/dW: sum over every axis but the last of dL/dW * W_i, reduced
     in at least float32."""
+    fused = fused_for(experts) if dtype == torch.float32 else None
+    return _fused_else_plain(fused and (lambda: fused.coefficient_grad(grad, experts)), lambda: _plain_grad(grad, experts, dtype))
+
+
+def _plain_grad(grad: torch.Tensor, experts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     grad = grad.to(torch.promote_types(grad.dtype, dtype))
     rows = tuple(range(grad.ndim - 1))
     per_expert = [(grad * experts[index]).sum(dim=rows) if rows else grad * experts[index] for index in range(experts.shape[0])]

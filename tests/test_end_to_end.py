@@ -1,5 +1,6 @@
 """The end-to-end mode's micro-batch loss, recomputed independently from the logits."""
 
+import pytest
 import torch
 from conftest import read_checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -44,3 +45,17 @@ def test_the_kl_counts_only_the_answer_tokens(families):
     # and the prompt tokens do matter to an all-token KL: the mask is what made the difference
     everything = micro_batch_loss(view, [0, 1], Batch([0, 1, 0, 1], ids, mask), teacher, settings, cpu)[0]
     assert not torch.allclose(everything, loss)
+
+
+def test_auto_recompute_keeps_activations_only_where_they_fit():
+    from mergekit_dam.plugin.config import DamError
+    from mergekit_dam.training.estimate import recompute_mode
+
+    peaks = {"weights": 100, "layer": 40, "none": 130}
+    assert recompute_mode("auto", False, peaks.get, available=120) == "weights"
+    assert recompute_mode("auto", False, peaks.get, available=105) == "layer"  # 90% margin
+    assert recompute_mode("auto", False, peaks.get, available=None) == "weights"
+    assert recompute_mode("auto", True, peaks.get, available=10**9) == "layer"
+    assert recompute_mode("none", False, peaks.get, available=1) == "none"
+    with pytest.raises(DamError, match="recompute: weights is for one process"):
+        recompute_mode("weights", True, peaks.get, available=None)

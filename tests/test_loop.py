@@ -74,3 +74,23 @@ def test_time_based_checkpoints():
     fit(Stage([param], 4, quadratic(param, [1.0])), DamSettings(checkpoint_minutes=0), Bar(),
         save=lambda step, optimizer, history: saved.append(step))
     assert saved == []
+
+
+def test_out_of_memory_in_a_step_is_one_line_after_a_checkpoint():
+    settings = DamSettings(lr=0.1, max_length=512, batch_size=4)
+    param = torch.nn.Parameter(torch.zeros(1))
+    saved = []
+
+    def micro_batch(step, micro):
+        if step == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return quadratic(param, [1.0])(step, micro)
+
+    with pytest.raises(DamError) as error:
+        fit(Stage([param], 5, micro_batch), settings, Bar(), save=lambda step, optimizer, history: saved.append((step, len(history))))
+    message = str(error.value)
+    assert message.startswith("dam: cpu ran out of memory at step 3 (peak ") and "\n" not in message
+    assert "lower max_length (now 512) or batch_size (now 4), use recompute: layer or mode: layerwise" in message
+    assert message.endswith("a checkpoint was written, so the same command resumes from it")
+    assert saved == [(2, 2)]  # the two finished steps, not the failed one
+    assert param.grad is None

@@ -327,3 +327,47 @@ def test_max_length_beyond_the_model_positions_is_cut_with_a_warning(lab, tmp_pa
     with caplog.at_level(logging.WARNING, logger="mergekit_dam"):
         train_stage(lab_config(lab, tmp_path / "c.safetensors", max_length=100_000, steps=2))
     assert "max_length 100000 exceeds the model's max_position_embeddings 256; examples are cut at 256" in caplog.text
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_recompute_modes_train_the_same_coefficients(lab, tmp_path, caplog, device):
+    """What backward keeps changes memory and time, not the result; `auto` logs its choice."""
+    tables = {}
+    for mode in ("layer", "weights", "none", "auto"):
+        with caplog.at_level(logging.INFO, logger="mergekit_dam"):
+            train_stage(lab_config(lab, tmp_path / f"{mode}.safetensors", recompute=mode, steps=4, train_device=device))
+        tables[mode] = load_file(str(tmp_path / f"{mode}.safetensors"))
+        report = json.loads((tmp_path / f"{mode}.report.json").read_text())
+        assert report["estimate"]["recompute"] == ("weights" if mode == "auto" else mode)
+    assert "recompute: weights" in caplog.text  # the tiny lab fits: auto keeps activations
+    for mode in ("weights", "none", "auto"):
+        for name, table in tables["layer"].items():
+            torch.testing.assert_close(tables[mode][name], table, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_out_of_memory_mid_run_is_one_line_and_the_run_resumes(lab, tmp_path, monkeypatch, device):
+    """On a GPU the allocator itself fails (a 16 TiB request at step 5); on CPU the error is raised."""
+    from mergekit_dam.training.modes import end_to_end
+
+    reference = tmp_path / "reference.safetensors"
+    train_stage(lab_config(lab, reference, train_device=device))
+    real, calls = end_to_end.micro_batch_loss, []
+
+    def run_out_at_step_5(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            if device == "cuda":
+                torch.empty(2**44, dtype=torch.uint8, device=device)
+            raise torch.OutOfMemoryError("out of memory")
+        return real(*args, **kwargs)
+
+    artifact = tmp_path / "c.safetensors"
+    monkeypatch.setattr(end_to_end, "micro_batch_loss", run_out_at_step_5)
+    with pytest.raises(DamError, match=r"ran out of memory at step 5 \(peak .* GiB.*\); lower max_length .* the same command resumes"):
+        train_stage(lab_config(lab, artifact, train_device=device))
+    assert not artifact.exists() and os.path.exists(str(artifact) + ".ckpt")
+    monkeypatch.setattr(end_to_end, "micro_batch_loss", real)
+    train_stage(lab_config(lab, artifact, train_device=device))
+    a, b = load_file(str(reference)), load_file(str(artifact))
+    assert all(torch.equal(a[name], b[name]) for name in a)

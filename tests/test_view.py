@@ -8,7 +8,7 @@ from torch.func import functional_call
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mergekit_dam.kernels import ColumnMerge, merge_stack
-from mergekit_dam.training.view import MergedModel, build_skeleton, stack_experts
+from mergekit_dam.training.view import MergedModel, RebuiltWeights, build_skeleton, stack_experts
 
 
 def test_column_merge_gradient_matches_autograd():
@@ -29,9 +29,9 @@ def test_merge_stack_keeps_the_stack_dtype_and_accumulates_in_float32():
     torch.testing.assert_close(result, expected.bfloat16())
 
 
-@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("recompute", ["none", "layer", "weights"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: tied embeddings, q/k/v biases
-def test_coefficient_gradients_match_naive_float64(arch, recompute, families):
+def test_coefficient_gradients_match_naive_float64(arch, recompute, families, monkeypatch):
     _, *experts = families[arch]
     states = [{k: v.double() for k, v in read_checkpoint(m).items()} for m in experts]
     config = AutoConfig.from_pretrained(experts[0])
@@ -48,6 +48,9 @@ def test_coefficient_gradients_match_naive_float64(arch, recompute, families):
     view = MergedModel(skeleton, {n: stack_experts([s[n] for s in states], torch.device("cpu"), torch.float64) for n in names}, recompute=recompute)
     raw = view.raw_parameters()
     assert sorted(raw) == names
+    rebuilt = []  # recompute: weights must rebuild the layers' merged weights, not keep them
+    unpack = RebuiltWeights.unpack
+    monkeypatch.setattr(RebuiltWeights, "unpack", staticmethod(lambda packed: rebuilt.append(type(packed)) or unpack(packed)))
     with torch.no_grad():
         for n in names:
             raw[n].data = values[n].clone()  # float64 raw: the comparison is exact to float64 rounding
@@ -55,6 +58,8 @@ def test_coefficient_gradients_match_naive_float64(arch, recompute, families):
     assert sorted(tables) == names
     ours = (logits * probe).sum()
     ours_grads = torch.autograd.grad(ours, [raw[n] for n in names])
+    layer_weights = [n for n in names if ".layers." in n and not n.endswith(".bias")]  # a bias is added: nothing saved
+    assert rebuilt.count(tuple) == (len(layer_weights) if recompute == "weights" else 0), rebuilt
     coefficients = {n: values[n].clone().requires_grad_() for n in names}
 
     # naive: explicit merged weights, plain autograd, the model loaded by transformers

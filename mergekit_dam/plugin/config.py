@@ -16,7 +16,7 @@ import difflib
 import os
 from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Tuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class DamError(ValueError):
@@ -107,10 +107,12 @@ class DamSettings(BaseModel):
         "`float32`; coefficients are float32"))
     processes: int = Field(1, ge=1, description=(
         "train in this many processes (FSDP2, one per GPU), launched by `mergekit-yaml` itself with torchrun"))
-    recompute: bool = Field(True, description=(
-        "rebuild each decoder layer's merged weights and activations in backward (activation checkpointing) instead "
-        "of keeping them: one layer's merged copy at a time, about 1/3 more compute; `false` is faster where memory "
-        "allows"))
+    recompute: Literal["auto", "layer", "weights", "none"] = Field("auto", description=(
+        "what backward rebuilds instead of keeping: `layer` (activation checkpointing: one layer's merged weights "
+        "and activations at a time, about 1/3 more compute), `weights` (keeps activations, rebuilds each merged "
+        "weight from its coefficients: one merged model less memory, about one merge more per weight), `none` "
+        "(keeps everything), `auto` (`weights` where the memory estimate fits, else `layer`; `layer` when sharded); "
+        "`true`/`false` mean `layer`/`none`"))
     checkpoint_minutes: float = Field(5.0, ge=0, description=(
         "also write a training checkpoint every this many minutes (0: off), and one on SIGINT/SIGTERM before stopping, "
         "so that the same command resumes a killed run (end-to-end mode)"))
@@ -121,6 +123,11 @@ class DamSettings(BaseModel):
     def base_row(self) -> bool:
         """Whether the base model gets a row of coefficients."""
         return self.include_base or self.parametrization == "task_vectors"
+
+    @field_validator("recompute", mode="before")
+    @classmethod
+    def _recompute_bool(cls, value):
+        return {True: "layer", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _compatible(self):

@@ -17,8 +17,15 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     checkpoints next to `artifact_path`."""
     from importlib import import_module
 
+    import torch
+
+    from mergekit_dam.training.device import out_of_memory, resolve_device
+
     mode = import_module(f"mergekit_dam.training.modes.{job.settings.mode}")
-    return mode.train(job, key, artifact_path)
+    try:
+        return mode.train(job, key, artifact_path)
+    except torch.OutOfMemoryError:  # outside the steps (loading the experts, caching teachers, evaluating)
+        raise out_of_memory(resolve_device(job.settings.train_device), job.settings, "before or after the training steps") from None
 
 
 __all__ = ["TrainingJob", "TrainingReport", "TrainingResult", "train"]

@@ -67,3 +67,15 @@ def peak_memory(device: torch.device) -> int:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+def out_of_memory(device: torch.device, settings: DamSettings, where: str, checkpoint: bool = False) -> DamError:
+    """The one-line error for a device that ran out of memory `where` (e.g. "at step 3"),
+    with the peak it reached and what to lower."""
+    peak = peak_memory(device) / 2**30
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
+    of = f" of {total:.1f} GiB" if total else ""
+    hint = (f"lower max_length (now {settings.max_length}) or batch_size (now {settings.batch_size}), "
+            "use recompute: layer or mode: layerwise, or train on a larger device")
+    resume = "; a checkpoint was written, so the same command resumes from it" if checkpoint else ""
+    return DamError(f"dam: {device} ran out of memory {where} (peak {peak:.1f} GiB{of}); {hint}{resume}")

@@ -70,8 +70,10 @@ def build_view(job, device: torch.device, dtype: torch.dtype, ranks=None, lazy: 
     skeleton = build_skeleton(job.out_config, device, job.trust_remote_code)
     kinds = tensor_kinds(skeleton)
     trained = {spec.name for spec in job.tensors if spec.name in kinds and trains(kinds[spec.name], job.settings)}
+    # end-to-end training settles `auto` against its memory estimate; one layer at a time (layerwise) it fits
+    recompute = "weights" if settings.recompute == "auto" else settings.recompute
     view = MergedModel(
-        skeleton, ExpertStacks(job, device, dtype), trained, settings.nonlinearity, settings.recompute,
+        skeleton, ExpertStacks(job, device, dtype), trained, settings.nonlinearity, recompute,
         shard=ranks.shard if ranks else None, lazy=lazy, parametrization=parametrization,
     )
     if ranks:

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from mergekit_dam.plugin.config import DamError, DamSettings
+from mergekit_dam.training.device import out_of_memory
 from mergekit_dam.training.schedule import lr_factor
 
 LOG = logging.getLogger("mergekit_dam")
@@ -53,7 +54,15 @@ def fit(stage: Stage, settings: DamSettings, progress, *, ranks=None, begin: Opt
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * factor(step)
             timely = bool(settings.checkpoint_minutes) and time.perf_counter() - last_save >= 60 * settings.checkpoint_minutes
-            loss, tokens, kls, (timely, stop) = _accumulate(stage, settings, step, ranks, (timely, interrupts.signal is not None))
+            try:
+                loss, tokens, kls, (timely, stop) = _accumulate(stage, settings, step, ranks, (timely, interrupts.signal is not None))
+            except torch.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)  # the coefficients are still those after `step` steps
+                saved = bool(save) and step > first and not ranks  # sharded, the other ranks may not get here
+                if saved:
+                    save(step, optimizer, history)
+                raise out_of_memory(stage.params[0].device, settings, f"at step {step + 1}" + (f" of stage {stage.name}" if stage.name else ""),
+                                    checkpoint=saved) from None
             _step(stage, settings, optimizer, step, loss)
             history.append({**({"stage": stage.name} if stage.name else {}), "step": step + 1, "loss": loss, "kl": kls, "tokens": tokens})
             tokens_seen += tokens

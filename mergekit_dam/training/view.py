@@ -7,9 +7,12 @@ stay real), and weights are substituted with torch.func.functional_call. The ten
 are split into groups, the units that are merged together (and that FSDP shards):
 the input embedding, each decoder layer, and the head (final norm, lm_head). Each
 decoder layer of the skeleton is wrapped in a `MergedBlock` that builds its group's
-merged weights only when the layer runs, so one layer's merged copy exists at a time;
-with `recompute` the block is also activation-checkpointed, so backward rebuilds the
-layer's weights instead of keeping them.
+merged weights only when the layer runs, so one layer's merged copy exists at a time.
+What backward keeps of a merged layer is `recompute`'s choice: "layer" checkpoints the
+whole layer (backward reruns it: least memory, about 1/3 more compute); "weights" keeps
+the activations but no merged weight (backward rebuilds each from its coefficients, one
+merge per weight: the memory of one merged model less, almost no compute); "none"
+keeps everything.
 
 Merged weights come from `kernels.ColumnMerge`, which keeps nothing for backward but the
 coefficients and the (persistent) expert stack.
@@ -20,6 +23,7 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set
 
 import torch
+from torch.autograd.graph import saved_tensors_hooks
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
@@ -150,9 +154,10 @@ class TensorGroup(torch.nn.Module):
         self.coefficients = coefficients
         self.copy_experts = False  # FSDP: an expert's slice must outlive the gathered stack
 
-    def forward(self, selection: Optional[int]) -> tuple:
+    def forward(self, selection: Optional[int], rebuilt: Optional["RebuiltWeights"] = None) -> tuple:
         """(weights by name, effective tables of the trained tensors by full name): merged
-        weights for selection None, expert `selection`'s own weights for an index."""
+        weights for selection None, expert `selection`'s own weights for an index.
+        `rebuilt`: where to record how each merged weight is made."""
         if selection is not None:
             return {n: s[selection].clone() if self.copy_experts else s[selection] for n, s in zip(self.names, self.stacks)}, {}
         weights, tables = {}, {}
@@ -161,6 +166,8 @@ class TensorGroup(torch.nn.Module):
                 weights[name], tables[full_name] = ColumnMerge.apply(table, stack), table
             else:
                 weights[name] = merge_stack(table, stack)
+            if rebuilt is not None:
+                rebuilt.record(weights[name], table, stack)
         return weights, tables
 
     def tables(self) -> Dict[str, torch.Tensor]:
@@ -198,14 +205,54 @@ class MergedBlock(torch.nn.Module):
     def run(self, selection: Optional[int], hidden_states, *args, **kwargs) -> tuple:
         """(layer output, trained tables) with merged (None) or expert `selection` weights."""
         group = self.view.groups[f"layer{self.index}"]
+        training = selection is None and torch.is_grad_enabled()
+        rebuilt = RebuiltWeights() if training and self.view.recompute == "weights" else None
 
         def compute(hidden_states, *args, **kwargs):
-            weights, tables = group(selection)
+            weights, tables = group(selection, rebuilt)
             return functional_call(self.layer, weights, (hidden_states, *args), kwargs), tables
 
-        if self.view.recompute and selection is None and torch.is_grad_enabled():
+        if training and self.view.recompute == "layer":
             return checkpoint(compute, hidden_states, *args, use_reentrant=False, **kwargs)
+        if rebuilt is not None:
+            with saved_tensors_hooks(rebuilt.pack, RebuiltWeights.unpack):
+                result = compute(hidden_states, *args, **kwargs)
+            rebuilt.close()
+            return result
         return compute(hidden_states, *args, **kwargs)
+
+
+class RebuiltWeights:
+    """Saved-tensor hooks for `recompute: weights`: when autograd saves a merged weight
+    (or a view of it, such as the transpose a matmul keeps) for backward, keep how to make
+    it (its coefficient table and expert stack) instead, and merge it again when backward
+    needs it. The same kernel on the same inputs gives the same bits. Merged weights are
+    recognised by their storage, which is theirs alone while they are held here."""
+
+    def __init__(self):
+        self.made: Dict[int, tuple] = {}  # storage address -> (weight, table, stack)
+
+    def record(self, weight: torch.Tensor, table: torch.Tensor, stack: torch.Tensor) -> None:
+        self.made[weight.untyped_storage().data_ptr()] = (weight, table.detach(), stack)
+
+    def pack(self, tensor: torch.Tensor):
+        entry = self.made.get(tensor.untyped_storage().data_ptr()) if tensor.device.type != "meta" else None
+        if entry is None or entry[0].dtype != tensor.dtype:
+            return tensor
+        _, table, stack = entry
+        return table, stack, tensor.size(), tensor.stride(), tensor.storage_offset()
+
+    @staticmethod
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        table, stack, size, stride, offset = packed
+        with torch.no_grad():
+            return merge_stack(table, stack).as_strided(size, stride, offset)
+
+    def close(self) -> None:
+        """The layer has run: let its merged weights go."""
+        self.made.clear()
 
 
 class _Plan:
@@ -247,7 +294,7 @@ class MergedModel(torch.nn.Module):
         stacks: Mapping[str, torch.Tensor],
         trained: Optional[Set[str]] = None,
         nonlinearity: str = "none",
-        recompute: bool = False,
+        recompute: str = "none",
         shard: Optional[Callable] = None,
         lazy: bool = False,
         parametrization: Optional[Callable[[int], object]] = None,
@@ -270,7 +317,7 @@ class MergedModel(torch.nn.Module):
             )
         self.kinds = tensor_kinds(skeleton)
         trained = set(stacks) if trained is None else set(trained)
-        self.recompute = recompute
+        self.recompute = recompute  # "layer", "weights" or "none" (see the module's docstring)
         self._plan = _Plan()  # the plan of the forward in progress (every layer runs merged outside one)
 
         prefix, layers = decoder_layers(skeleton)

@@ -31,7 +31,7 @@ from mergekit_dam.training.device import (
     resolve_device,
     start_run,
 )
-from mergekit_dam.training.estimate import estimate
+from mergekit_dam.training.estimate import estimate, recompute_mode
 from mergekit_dam.training.evaluate import held_out_kl
 from mergekit_dam.training.experts import build_view
 from mergekit_dam.training.job import TrainingJob, TrainingReport, TrainingResult
@@ -112,17 +112,23 @@ def _check_memory(job, data: ExpertData, view: MergedModel, device, dtype, steps
     raw = view.raw_parameters()
     trainable = sum(p.numel() for p in raw.values())
     length = min(settings.max_length, max(len(s) for seqs in data.train.values() for s in seqs))
-    plan = estimate(job, dtype, len(data.experts) * settings.batch_size, length, trainable, world)
     available = available_memory(device)
+
+    def plan_for(mode: str) -> dict:
+        return estimate(job, dtype, len(data.experts) * settings.batch_size, length, trainable, world, mode)
+
+    view.recompute = recompute_mode(settings.recompute, ranks is not None, lambda mode: plan_for(mode)["peak_bytes"], available)
+    plan = {**plan_for(view.recompute), "recompute": view.recompute}
     LOG.info("dam: training %d coefficients (%d of %d tensors) for inputs %s; experts with data: %s",
              trainable, len(raw), len(job.tensors), job.rows, [job.rows[i] for i in data.experts])
-    LOG.info("dam: %d steps on %s%s (%s); estimated peak memory %.2f GiB%s, %.2f TFLOP per step",
-             steps, device, f" x {world} processes (FSDP)" if ranks else "", dtype_name(dtype), plan["peak_bytes"] / 2**30,
+    LOG.info("dam: %d steps on %s%s (%s, recompute: %s); estimated peak memory %.2f GiB%s, %.2f TFLOP per step",
+             steps, device, f" x {world} processes (FSDP)" if ranks else "", dtype_name(dtype), view.recompute, plan["peak_bytes"] / 2**30,
              f" of {available / 2**30:.1f} GiB available" if available else "", plan["flops_per_step"] / 1e12)
     if available is not None and plan["peak_bytes"] > available:
         raise DamError(
             f"dam: training needs about {plan['peak_bytes'] / 2**30:.1f} GiB on {device} but {available / 2**30:.1f} GiB "
-            "is available; lower max_length or batch_size, use train_dtype: bfloat16, or train on a larger device"
+            "is available; lower max_length or batch_size, use train_dtype: bfloat16, recompute: layer, mode: layerwise, "
+            "or train on a larger device"
         )
     return plan
 
