@@ -20,7 +20,13 @@ import time
 
 import torch
 
-from mergekit_dam.kernels import ColumnMerge, coefficient_grad, fused_for, merge_stack, plain_kernels
+from mergekit_dam.kernels import (
+    ColumnMerge,
+    coefficient_grad,
+    fused_for,
+    merge_stack,
+    plain_kernels,
+)
 
 # (rows, columns, tensors per 7B model)
 SHAPES_7B = [(4096, 4096, 64), (1024, 4096, 64), (14336, 4096, 64), (4096, 14336, 32), (32000, 4096, 2)]

@@ -62,7 +62,12 @@ def _relative(value, reference):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n, shape", FUSED_CASES)
 def test_fused_kernels_match_the_plain_path_on_gpu(n, shape, dtype):
-    from mergekit_dam.kernels import coefficient_grad, fused_for, merge_stack, plain_kernels
+    from mergekit_dam.kernels import (
+        coefficient_grad,
+        fused_for,
+        merge_stack,
+        plain_kernels,
+    )
 
     generator = torch.Generator(device="cuda").manual_seed(n)
     experts = torch.randn((n, *shape), generator=generator, device="cuda").to(dtype)

@@ -8,7 +8,12 @@ from torch.func import functional_call
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mergekit_dam.kernels import ColumnMerge, merge_stack
-from mergekit_dam.training.view import MergedModel, RebuiltWeights, build_skeleton, stack_experts
+from mergekit_dam.training.view import (
+    MergedModel,
+    RebuiltWeights,
+    build_skeleton,
+    stack_experts,
+)
 
 
 def test_column_merge_gradient_matches_autograd():

@@ -16,7 +16,14 @@ import difflib
 import os
 from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Tuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class DamError(ValueError):
