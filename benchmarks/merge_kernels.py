@@ -77,6 +77,32 @@ def copy_bandwidth(device, repeats) -> float:
     return 2 * source.numel() * source.element_size() / (ms / 1e3)
 
 
+TILES = [(16, 128, 4), (32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 256, 8), (16, 512, 4), (128, 128, 8)]
+
+
+def sweep(device, n, repeats, bandwidth, generator) -> list:
+    """The Triton kernels' time over tile shapes (rows, columns, warps), on the 7B MLP shape."""
+    from mergekit_dam import fused
+
+    rows, columns = 14336, 4096
+    experts = torch.randn(n, rows, columns, device=device, generator=generator).to(torch.bfloat16)
+    coefficients = torch.rand(n, columns, device=device, generator=generator)
+    grad = torch.randn(rows, columns, device=device, generator=generator).to(torch.bfloat16)
+    floor = (n + 1) * rows * columns * 2 / bandwidth * 1e3
+    out = []
+    for tile in TILES:
+        entry = {"tile": tile, "floor_ms": floor}
+        for name, call in (("merge_ms", lambda: fused.merge_stack(coefficients, experts, tile)),
+                           ("grad_ms", lambda: fused.coefficient_grad(grad, experts, tile))):
+            try:
+                entry[name] = median_ms(call, device, repeats)
+            except Exception as error:  # a tile the compiler refuses
+                entry[name] = f"{type(error).__name__}: {str(error)[:200]}"
+        out.append(entry)
+        print(f"tile {tile}: merge {entry['merge_ms']} ms, grad {entry['grad_ms']} ms, floor {floor:.3f} ms", flush=True)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda")
@@ -84,6 +110,7 @@ def main():
     parser.add_argument("--scale", type=int, default=1, help="divide every shape by this (smoke runs)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--compile", action="store_true", help="also time one torch.compile expression each")
+    parser.add_argument("--sweep", action="store_true", help="also time the Triton kernels over a few tile shapes")
     parser.add_argument("--json")
     args = parser.parse_args()
     device, n = torch.device(args.device), args.experts
@@ -128,6 +155,8 @@ def main():
           + ", ".join(f"{v} {ms:.0f} ms" for v, ms in per_step.items()))
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "experts": n, "scale": args.scale,
               "copy_bandwidth_TBps": bandwidth / 1e12, "shapes": rows_out, "per_7b_step_ms": per_step}
+    if args.sweep and "triton" in forwards:
+        result["sweep"] = sweep(device, n, args.repeats, bandwidth, generator)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=1)

@@ -17,22 +17,23 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_R, BLOCK_C = 16, 128  # a tile of rows x columns; columns are contiguous in memory
+MERGE_TILE = (32, 128, 4)  # rows, columns (contiguous in memory), warps of one merge program
+GRAD_TILE = (32, 128, 4)  # the same for a gradient program's row block
 PROGRAMS = 1024  # gradient programs to aim for: enough to fill a GPU several times over
 
 
 @triton.jit
-def _merge_kernel(c_ptr, e_ptr, w_ptr, R, C, stride, N: tl.constexpr, NP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _merge_kernel(c_ptr, e_ptr, w_ptr, R, C, stride, N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    experts = tl.arange(0, NP)
     inside = (rows[:, None] < R) & (cols[None, :] < C)
     offsets = rows[:, None].to(tl.int64) * C + cols[None, :]
-    column_ok = (experts[:, None] < N) & (cols[None, :] < C)
-    coefficients = tl.load(c_ptr + experts[:, None] * C + cols[None, :], mask=column_ok, other=0.0)
-    e = tl.load(e_ptr + experts[:, None, None].to(tl.int64) * stride + offsets[None, :, :],
-                mask=(experts[:, None, None] < N) & inside[None, :, :], other=0.0)
-    merged = tl.sum(coefficients[:, None, :] * e.to(tl.float32), axis=0)
+    merged = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    tile = e_ptr + offsets  # 64-bit pointers, moved one expert on each time: no int32 overflow
+    for i in tl.static_range(N):  # unrolled: one tile of each expert, accumulated in float32
+        coefficients = tl.load(c_ptr + i * C + cols, mask=cols < C, other=0.0)
+        merged += coefficients[None, :] * tl.load(tile, mask=inside, other=0.0).to(tl.float32)
+        tile += stride
     tl.store(w_ptr + offsets, merged.to(w_ptr.dtype.element_ty), mask=inside)
 
 
@@ -48,9 +49,11 @@ def _grad_kernel(g_ptr, e_ptr, partial_ptr, R, C, stride, N: tl.constexpr, NP: t
         inside = (rows[:, None] < R) & (cols[None, :] < C)
         offsets = rows[:, None].to(tl.int64) * C + cols[None, :]
         g = tl.load(g_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        e = tl.load(e_ptr + experts[:, None, None].to(tl.int64) * stride + offsets[None, :, :],
-                    mask=(experts[:, None, None] < N) & inside[None, :, :], other=0.0)
-        total += tl.sum(e.to(tl.float32) * g[None, :, :], axis=1)
+        tile = e_ptr + offsets
+        for i in tl.static_range(N):  # G's tile is read once for every expert
+            column_sums = tl.sum(tl.load(tile, mask=inside, other=0.0).to(tl.float32) * g, axis=0)
+            total = tl.where(experts[:, None] == i, total + column_sums[None, :], total)
+            tile += stride
     out = partial_ptr + chunk.to(tl.int64) * N * C + experts[:, None] * C + cols[None, :]
     tl.store(out, total, mask=(experts[:, None] < N) & (cols[None, :] < C))
 
@@ -61,34 +64,36 @@ def _as_matrices(experts: torch.Tensor) -> tuple:
     return n, experts[0].numel() // columns, columns
 
 
-def merge_stack(coefficients: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+def merge_stack(coefficients: torch.Tensor, experts: torch.Tensor, tile: tuple = MERGE_TILE) -> torch.Tensor:
     """sum_i coefficients[i] * experts[i] (coefficients [N, columns], float32), in experts' dtype."""
     n, rows, columns = _as_matrices(experts)
+    block_r, block_c, warps = tile
     coefficients = coefficients.to(device=experts.device, dtype=torch.float32).contiguous()
     merged = torch.empty(experts.shape[1:], dtype=experts.dtype, device=experts.device)
-    grid = (triton.cdiv(rows, BLOCK_R), triton.cdiv(columns, BLOCK_C))
-    _merge_kernel[grid](coefficients, experts, merged, rows, columns, rows * columns, N=n, NP=triton.next_power_of_2(n),
-                        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(columns, block_c))
+    _merge_kernel[grid](coefficients, experts, merged, rows, columns, rows * columns, N=n, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
     return merged
 
 
-def chunk_rows(rows: int, columns: int) -> int:
+def chunk_rows(rows: int, columns: int, tile: tuple = GRAD_TILE) -> int:
     """Rows one gradient program sums: the largest power of two (1024 at most, one tile at
     least) that still gives about PROGRAMS programs. A function of the shape alone, so
     the order of the sums, and the bits, do not depend on the device."""
-    chunk, blocks = 1024, triton.cdiv(columns, BLOCK_C)
-    while chunk > BLOCK_R and triton.cdiv(rows, chunk) * blocks < PROGRAMS:
+    chunk, blocks = 1024, triton.cdiv(columns, tile[1])
+    while chunk > tile[0] and triton.cdiv(rows, chunk) * blocks < PROGRAMS:
         chunk //= 2
     return chunk
 
 
-def coefficient_grad(grad: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+def coefficient_grad(grad: torch.Tensor, experts: torch.Tensor, tile: tuple = GRAD_TILE) -> torch.Tensor:
     """[N, columns] float32: sum over rows of grad * experts[i]."""
     n, rows, columns = _as_matrices(experts)
+    block_r, block_c, warps = tile
     grad = grad.contiguous()
-    chunk = chunk_rows(rows, columns)
+    chunk = chunk_rows(rows, columns, tile)
     chunks = triton.cdiv(rows, chunk)
     partial = torch.empty((chunks, n, columns), dtype=torch.float32, device=experts.device)
-    _grad_kernel[(chunks, triton.cdiv(columns, BLOCK_C))](grad, experts, partial, rows, columns, rows * columns, N=n, NP=triton.next_power_of_2(n),
-                                                          BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, CHUNK_ROWS=chunk)
+    _grad_kernel[(chunks, triton.cdiv(columns, block_c))](grad, experts, partial, rows, columns, rows * columns, N=n,
+                                                          NP=triton.next_power_of_2(n), BLOCK_R=block_r, BLOCK_C=block_c,
+                                                          CHUNK_ROWS=chunk, num_warps=warps)
     return partial.sum(dim=0)
