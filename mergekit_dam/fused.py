@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-MERGE_TILE = (32, 128, 4)  # rows, columns (contiguous in memory), warps of one merge program
-GRAD_TILE = (32, 128, 4)  # the same for a gradient program's row block
+MERGE_TILE = (32, 256, 4)  # rows, columns (contiguous in memory), warps of one merge program (swept on an H200)
+GRAD_TILE = (16, 512, 4)  # the same for a gradient program's row block
 PROGRAMS = 1024  # gradient programs to aim for: enough to fill a GPU several times over
 
 
