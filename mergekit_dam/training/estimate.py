@@ -21,8 +21,12 @@ def estimate(job, dtype: torch.dtype, sequences: int, length: int, trainable: in
     vocab = job.out_config.vocab_size
     hidden = getattr(job.out_config, "hidden_size", 0)
     layers = getattr(job.out_config, "num_hidden_layers", 0)
+    intermediate = getattr(job.out_config, "intermediate_size", None) or 4 * hidden
     tokens = sequences * length
-    per_layer = tokens * hidden * element * 16  # one layer's saved activations
+    # one layer's saved activations per token: about ten hidden-wide tensors (norms, q/k/v,
+    # attention output, residuals) and four MLP-wide ones (gate, up, their activation and
+    # product); checked on an H200 at 1B and 7B (BENCHMARKS.md)
+    per_layer = tokens * element * (10 * hidden + 4 * intermediate)
     outer_sizes = [math.prod(s.shape) for s in job.tensors if ".layers." not in s.name]
     layer_size = (params - sum(outer_sizes)) // max(1, layers)
     if recompute == "layer":  # embedding and head merged all along, one layer at a time; layer inputs kept
