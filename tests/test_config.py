@@ -93,7 +93,7 @@ def test_lab_example_configs_match_the_demo():
     from mergekit_dam.tools.demo import merge_configs
     from mergekit_dam.tools.lab import SKILLS
 
-    root = "dam-lab"
+    root = "./dam-lab"  # "./": mergekit's model card would look "dam-lab/base" up on the hub
     manifest = {"base": f"{root}/base", "skills": {
         s: {"expert": f"{root}/expert_{s}", "calibration": f"{root}/data/{s}.calibration.jsonl"} for s in SKILLS}}
     here = os.path.join(os.path.dirname(__file__), "..", "example_configs", "lab")

@@ -25,7 +25,7 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_dam.kernels import combine
-from mergekit_dam.plugin import host, stage
+from mergekit_dam.plugin import host, preflight, stage
 from mergekit_dam.plugin.artifact import open_artifact
 from mergekit_dam.plugin.config import (
     SHARED_NAMES,
@@ -119,6 +119,7 @@ def install_error_hook() -> None:
 
 def register() -> None:
     """Add `dam` to mergekit's registry; calling it again is a no-op."""
+    preflight.install()  # mergekit.merge already imported (no .pth hook): wrap run_merge now
     existing = {method.spec.name: method for method in registry.registered_methods()}
     if "dam" in existing:
         if type(existing["dam"]).__name__ != DamMerge.__name__:

@@ -11,6 +11,7 @@ from typing import Dict
 
 import torch
 
+from mergekit_dam.atomic import WriteError
 from mergekit_dam.plugin.artifact import atomic_save
 from mergekit_dam.training import distributed
 
@@ -83,7 +84,10 @@ class Checkpoints:
 
     def save(self, step: int, optimizer, history: list) -> None:
         history[0]["held_out_kl"] = self.kl_start
-        save_checkpoint(self.path, self.key, step, self.raw, optimizer, history)
+        try:
+            save_checkpoint(self.path, self.key, step, self.raw, optimizer, history)
+        except WriteError as error:  # training goes on; only resuming from here is lost
+            LOG.warning("%s (training continues without this checkpoint)", error)
 
     def remove(self) -> None:
         if distributed.is_main() and os.path.exists(self.path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import codecs
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -57,6 +58,8 @@ def load_records(settings: ModelSettings, model: str):
                 )
             if os.path.getsize(path) == 0:
                 raise DamError(f"dam: dataset {path} (model {model}) is empty; give it examples or remove it")
+            if builder != "parquet":
+                _check_utf8(path, model)
             records = datasets.load_dataset(builder, data_files=path, split="train")
         else:
             records = datasets.load_dataset(name, name=settings.dataset_config or None, split=settings.dataset_split)
@@ -72,6 +75,19 @@ def load_records(settings: ModelSettings, model: str):
     if len(records) == 0:
         raise DamError(f"dam: dataset {name} (model {model}) is empty; give it examples or remove it")
     return records
+
+
+def _check_utf8(path: str, model: str) -> None:
+    """Text formats must be UTF-8; `datasets` would otherwise fail on the first bad record
+    only when it is read, deep inside training (and per format in a different place)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as handle:
+        try:
+            while chunk := handle.read(1 << 20):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as error:
+            raise DamError(f"dam: dataset {path} (model {model}) is not UTF-8 text ({error.reason}); re-encode it as UTF-8") from None
 
 
 # The Stanford Alpaca prompt (the reference implementation's data format), for tokenizers without a chat template.
