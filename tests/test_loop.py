@@ -94,3 +94,27 @@ def test_out_of_memory_in_a_step_is_one_line_after_a_checkpoint():
     assert message.endswith("a checkpoint was written, so the same command resumes from it")
     assert saved == [(2, 2)]  # the two finished steps, not the failed one
     assert param.grad is None
+
+
+def test_log_lines_print_above_the_progress_bar_not_into_it(capsys):
+    import logging
+    import sys
+
+    from tqdm.auto import tqdm
+
+    handler = logging.StreamHandler(sys.stderr)  # as mergekit-yaml's root handler does
+    root, dam = logging.getLogger(), logging.getLogger("mergekit_dam")
+    root.addHandler(handler)
+    level = dam.level
+    dam.setLevel(logging.INFO)
+    try:
+        param = torch.nn.Parameter(torch.zeros(1))
+        progress = tqdm(total=3, file=sys.stderr, ascii=True)
+        fit(Stage([param], 3, quadratic(param, [1.0])), DamSettings(lr=0.1), progress, log_eta=True)
+        progress.close()
+    finally:
+        root.removeHandler(handler)
+        dam.setLevel(level)
+    lines = capsys.readouterr().err.replace("\r", "\n").split("\n")
+    (line,) = [line for line in lines if "first step took" in line]
+    assert line.startswith("dam: first step took"), line

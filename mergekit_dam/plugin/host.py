@@ -10,6 +10,8 @@ the plugin never sees the planner or mergekit's options object.
 
 from __future__ import annotations
 
+import contextlib
+
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -80,10 +82,23 @@ def plan_merge(config, options):
 
     arch_info = get_architecture_info(config, options)
     LoaderCache().setup(options=options)
-    out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+    with _quiet_transformers():  # mergekit sets config.torch_dtype, which transformers 5 calls deprecated
+        out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
     planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
     planner.normalize_config()
     return planner
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as transformers_logging
+
+    before = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(before)
 
 
 # --- architecture ------------------------------------------------------------------

@@ -8,12 +8,14 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mergekit_dam.plugin.config import DamError, DamSettings
 from mergekit_dam.training.device import out_of_memory
@@ -49,7 +51,7 @@ def fit(stage: Stage, settings: DamSettings, progress, *, ranks=None, begin: Opt
     progress.update(first)
     clock = last_save = time.perf_counter()
     tokens_seen = 0
-    with Interrupts(enabled=save is not None) as interrupts:
+    with Interrupts(enabled=save is not None) as interrupts, logging_redirect_tqdm(loggers=_console_loggers()):
         for step in range(first, stage.steps):
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * factor(step)
@@ -81,6 +83,17 @@ def fit(stage: Stage, settings: DamSettings, progress, *, ranks=None, begin: Opt
                 if stop:
                     interrupts.stop(step + 1)
     return history
+
+
+def _console_loggers() -> List[logging.Logger]:
+    """The loggers whose own handlers print to the terminal (mergekit's root handler, or
+    ours without one): routed through tqdm while a bar runs, so that log lines print
+    above the bar instead of into it. Only those: a logger without a handler of its own
+    reaches the terminal through its parent's."""
+    def prints(logger):
+        return any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stdout, sys.stderr) for h in logger.handlers)
+
+    return [logger for logger in (logging.getLogger(), LOG) if prints(logger)]
 
 
 def _step(stage: Stage, settings: DamSettings, optimizer, step: int, loss: float) -> None:
