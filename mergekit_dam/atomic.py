@@ -1,11 +1,15 @@
 """Every file the package writes for others to read (artifacts, checkpoints, reports,
 manifests) is written through `atomic_write`: a process killed at any moment leaves the
-old file or the new one, never a torn one."""
+old file or the new one, never a torn one. A temp file carries its writer's pid, so the
+next write into that folder removes those of writers that were killed (SIGKILL leaves no
+chance to clean up)."""
 
 from __future__ import annotations
 
 import errno
 import os
+import re
+import shutil
 import tempfile
 from typing import Callable
 
@@ -26,7 +30,8 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     temp_path = None
     try:
         os.makedirs(directory, exist_ok=True)
-        handle, temp_path = tempfile.mkstemp(prefix=".dam-", suffix=".tmp", dir=directory)
+        remove_orphans(directory)
+        handle, temp_path = tempfile.mkstemp(prefix=f".dam-{os.getpid()}-", suffix=".tmp", dir=directory)
         os.close(handle)
         write(temp_path)
         umask = os.umask(0)
@@ -42,6 +47,38 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         if reason:
             raise WriteError(f"dam: cannot write {path}: {reason}; free space there or choose a writable location") from None
         raise
+
+
+ORPHAN = re.compile(r"^\.dam-(?:partial-)?(\d+)-")  # temp files here, staging folders (plugin/preflight.py)
+
+
+def remove_orphans(directory: str) -> None:
+    """Remove the temp files and staging folders in `directory` whose writing process is
+    gone. Best effort: another process may be removing the same ones."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        match = ORPHAN.match(name)
+        if match and not _alive(int(match.group(1))):
+            path = os.path.join(directory, name)
+            try:
+                shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+            except OSError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _write_failure(error: BaseException):

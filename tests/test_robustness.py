@@ -13,7 +13,7 @@ from conftest import BIN, lab_dam_config, write_config
 from safetensors.torch import load_file, save_file
 
 from mergekit_dam.api import train
-from mergekit_dam.plugin.artifact import Artifact
+from mergekit_dam.plugin.artifact import Artifact, write_artifact
 
 FAST = {"max_length": 24, "batch_size": 2, "samples": 16, "seed": 0}
 
@@ -81,6 +81,25 @@ def test_sigkill_during_artifact_writes_never_leaves_a_torn_artifact(tmp_path):
         for i in range(64):
             table = artifact.get(f"t{i}")
             assert torch.equal(table, torch.full_like(table, table[0, 0]))
+
+
+def test_the_next_write_removes_what_killed_writers_left(tmp_path):
+    """SIGKILL leaves a writer no chance to remove its temp file; the next write in that
+    folder removes it (its pid is gone), and never a live writer's."""
+    path = str(tmp_path / "c.safetensors")
+    leftovers = set()
+    for delay in (0.05, 0.2):
+        process = subprocess.Popen([sys.executable, "-c", WRITER, path], stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        leftovers |= {name for name in os.listdir(tmp_path) if name.startswith(".dam-")}
+    os.mkdir(tmp_path / f".dam-partial-{process.pid}-0123abcd")  # a killed merge's staging folder
+    live = tmp_path / f".dam-{os.getpid()}-live.tmp"
+    live.write_text("a write in progress in this process")
+    write_artifact(path, {"t": torch.ones(2, 3)}, ["a", "b"])
+    assert sorted(os.listdir(tmp_path)) == sorted([live.name, "c.safetensors"]), leftovers
 
 
 def test_two_concurrent_mergekit_runs_train_once_and_agree(lab, tmp_path):

@@ -23,6 +23,7 @@ import os
 import shutil
 import uuid
 
+from mergekit_dam.atomic import remove_orphans
 from mergekit_dam.plugin.config import DamError
 
 
@@ -118,7 +119,8 @@ def guarded(run_merge):
         parent = os.path.dirname(target)
         try:
             os.makedirs(parent, exist_ok=True)
-            staging = os.path.join(parent, f".dam-partial-{uuid.uuid4().hex[:12]}")
+            remove_orphans(parent)  # staging folders of runs that were killed
+            staging = os.path.join(parent, f".dam-partial-{os.getpid()}-{uuid.uuid4().hex[:12]}")
             os.mkdir(staging)
         except OSError as error:
             raise DamError(f"dam: cannot create the output folder {out_path} ({_why(parent, error)}); choose a writable location") from None
