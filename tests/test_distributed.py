@@ -55,7 +55,7 @@ def test_two_processes_learn_what_one_process_learns(lab, tmp_path, single_proce
     assert any(not torch.allclose(t, torch.full_like(t, 0.25)) for t in two.values())  # it trained
     report = json.loads((tmp_path / "sharded.report.json").read_text())
     assert report["processes"] == 2 and len(report["loss_curve"]) == SHARDED["steps"]
-    assert sorted(os.listdir(tmp_path)) == sorted(["dam.yml", "sharded.report.json", "sharded.safetensors"])
+    assert sorted(os.listdir(tmp_path)) == sorted(["dam.yml", "sharded.report.json", "sharded.safetensors", "sharded.safetensors.validation.png"])
 
     # a stock merge applies the sharded run's artifact without training again
     merged = mergekit_yaml(config_path, str(tmp_path / "out"))

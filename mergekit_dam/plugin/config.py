@@ -64,6 +64,16 @@ class DamSettings(BaseModel):
     loss_on: Literal["answer", "all"] = Field("answer", description=(
         "`answer`: for records with an answer (chat `messages`: the assistant turns; `prompt`/`response`; Alpaca "
         "`output`) the KL is taken on the answer tokens only; `all`: on every token. Plain text always uses every token"))
+    eval_every: int = Field(0, ge=0, description=(
+        "measure the validation KL every this many steps (0: about 20 times per run); end-to-end mode"))
+    keep_best: bool = Field(True, description=(
+        "write the coefficients with the lowest validation KL seen, the linear start included (so never worse than "
+        "it on validation), not the last ones"))
+    patience: int = Field(0, ge=0, description=(
+        "stop when the validation KL has not improved for this many evaluations in a row (0: run every step)"))
+    max_minutes: Optional[float] = Field(None, gt=0, description=(
+        "stop training after this many minutes, keeping the best coefficients so far (a budget: results then depend "
+        "on the machine's speed)"))
     batch_size: int = Field(1, ge=1, description="sequences per expert per micro-batch")
     grad_accum: int = Field(1, ge=1, description=(
         "micro-batches per optimizer step (gradient accumulation); with `processes` > 1 a multiple of the number "

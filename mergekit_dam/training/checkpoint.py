@@ -22,9 +22,12 @@ def checkpoint_path(artifact_path: str) -> str:
     return artifact_path + ".ckpt"
 
 
-def save_checkpoint(path: str, key: str, step: int, raw: Dict[str, torch.nn.Parameter], optimizer, history: list) -> None:
-    """Whole tensors (gathered from the ranks when sharded), written by rank 0."""
+def save_checkpoint(path: str, key: str, step: int, raw: Dict[str, torch.nn.Parameter], optimizer, history: list,
+                    extra: tuple = ({}, {})) -> None:
+    """Whole tensors (gathered from the ranks when sharded), written by rank 0; `extra`:
+    (tensors, metadata) of the validation selection."""
     tensors = {f"raw/{name}": distributed.full(p.detach()) for name, p in raw.items()}
+    tensors.update({name: distributed.full(t) for name, t in extra[0].items()})
     for name, p in raw.items():
         state = optimizer.state.get(p, {})
         for slot in ("exp_avg", "exp_avg_sq"):
@@ -32,11 +35,13 @@ def save_checkpoint(path: str, key: str, step: int, raw: Dict[str, torch.nn.Para
                 tensors[f"{slot}/{name}"] = distributed.full(state[slot])
     adam_steps = {name: float(optimizer.state[p]["step"]) for name, p in raw.items() if p in optimizer.state}
     if distributed.is_main():
-        atomic_save(path, tensors, {"key": key, "step": str(step), "history": json.dumps(history), "adam_steps": json.dumps(adam_steps)})
+        atomic_save(path, tensors, {"key": key, "step": str(step), "history": json.dumps(history), "adam_steps": json.dumps(adam_steps),
+                                    **extra[1]})
 
 
-def load_checkpoint(path: str, key: str, raw: Dict[str, torch.nn.Parameter], optimizer):
-    """(step, history) of a checkpoint for this exact training key, or None."""
+def load_checkpoint(path: str, key: str, raw: Dict[str, torch.nn.Parameter], optimizer, selection=None):
+    """(step, history) of a checkpoint for this exact training key, or None; the
+    validation selection's state goes back into `selection`."""
     from safetensors import SafetensorError, safe_open
 
     if not os.path.exists(path):
@@ -60,6 +65,9 @@ def load_checkpoint(path: str, key: str, raw: Dict[str, torch.nn.Parameter], opt
                     "exp_avg": distributed.like(p, tensors[f"exp_avg/{name}"]),
                     "exp_avg_sq": distributed.like(p, tensors[f"exp_avg_sq/{name}"]),
                 }
+    if selection is not None and "selection" in metadata:
+        selection.restore_state({name: distributed.like(raw[name[len("best/"):]], t) for name, t in tensors.items() if name.startswith("best/")},
+                                metadata)
     return int(metadata["step"]), json.loads(metadata["history"])
 
 
@@ -68,13 +76,14 @@ class Checkpoints:
     checkpoint or measures step 0 (`measure()`, the linear average's held-out KL, which
     then travels in the history), `save` writes one, `remove` deletes it once the run ends."""
 
-    def __init__(self, artifact_path: str, key: str, raw: Dict[str, torch.nn.Parameter], enabled: bool, steps: int):
+    def __init__(self, artifact_path: str, key: str, raw: Dict[str, torch.nn.Parameter], enabled: bool, steps: int, selection=None):
         self.path, self.key, self.raw, self.enabled, self.steps = checkpoint_path(artifact_path), key, raw, enabled, steps
+        self.selection = selection  # selection.KeepBest: its state travels in the checkpoint
         self.kl_start: Dict[str, float] = {}
         self.first_step = 0
 
     def begin(self, optimizer, measure):
-        resumed = load_checkpoint(self.path, self.key, self.raw, optimizer) if self.enabled else None
+        resumed = load_checkpoint(self.path, self.key, self.raw, optimizer, self.selection) if self.enabled else None
         if resumed:
             LOG.info("dam: resuming from %s at step %d of %d", self.path, resumed[0], self.steps)
             self.first_step, self.kl_start = resumed[0], resumed[1][0]["held_out_kl"]
@@ -85,7 +94,8 @@ class Checkpoints:
     def save(self, step: int, optimizer, history: list) -> None:
         history[0]["held_out_kl"] = self.kl_start
         try:
-            save_checkpoint(self.path, self.key, step, self.raw, optimizer, history)
+            save_checkpoint(self.path, self.key, step, self.raw, optimizer, history,
+                            self.selection.state() if self.selection else ({}, {}))
         except WriteError as error:  # training goes on; only resuming from here is lost
             LOG.warning("%s (training continues without this checkpoint)", error)
 

@@ -244,17 +244,18 @@ def collate_examples(examples: Sequence[Example], pad_id: int) -> Tuple[torch.Te
 
 @dataclass
 class ExpertData:
-    """The experts with data (row indices, in row order), their training and held-out
-    token sequences, and the padding id."""
+    """The experts with data (row indices, in row order), their training, validation and
+    held-out token sequences, and the padding id."""
 
     experts: List[int]
     train: Dict[int, List[Example]]
     held_out: Dict[int, List[Example]]
     pad_id: int
+    validation: Dict[int, List[Example]] = None  # None: the held-out split serves
 
     def chunks(self, split: str, size: int) -> Dict[int, List[Batch]]:
-        """Each expert's `split` ("train" or "held_out") in consecutive batches of `size`."""
-        sets = self.train if split == "train" else self.held_out
+        """Each expert's `split` ("train", "validation" or "held_out") in consecutive batches of `size`."""
+        sets = {"train": self.train, "held_out": self.held_out, "validation": self.validation or self.held_out}[split]
         return {i: [Batch.of(sets[i], range(k, min(k + size, len(sets[i]))), self.pad_id) for k in range(0, len(sets[i]), size)]
                 for i in self.experts}
 
@@ -265,8 +266,10 @@ class ExpertData:
 
 
 def prepare_data(job) -> ExpertData:
-    """Tokenise every expert's data; the last 10% of each shuffled set (at least 1, at
-    most HELD_OUT_MAX) is held out for the report."""
+    """Tokenise every expert's data; of each shuffled set the last 10% (at least 1, at
+    most HELD_OUT_MAX) is held out for the report and the 10% before it is the
+    validation split that chooses the coefficients to keep (sets under 10 examples: the
+    held-out split serves for both)."""
     settings = job.settings
     positions = getattr(job.out_config, "max_position_embeddings", None)
     max_length = settings.max_length
@@ -276,17 +279,21 @@ def prepare_data(job) -> ExpertData:
         max_length = positions
     pad_id = job.tokenizer.pad_token_id if job.tokenizer.pad_token_id is not None else (job.tokenizer.eos_token_id or 0)
     experts = [index for index, row in enumerate(job.rows) if row in job.data]
-    train, held_out = {}, {}
+    train, validation, held_out = {}, {}, {}
     for index in experts:
         row = job.rows[index]
         sequences = tokenize(job.data[row], job.tokenizer, row, samples=settings.samples, max_length=max_length,
                              seed=settings.seed, loss_on=settings.loss_on)
         keep = max(1, min(HELD_OUT_MAX, len(sequences) // 10)) if len(sequences) >= 2 else 0
-        train[index] = sequences[: len(sequences) - keep] if keep else sequences
+        check = keep if len(sequences) >= 10 else 0
+        train[index] = sequences[: len(sequences) - keep - check] if keep else sequences
+        validation[index] = sequences[len(sequences) - keep - check : len(sequences) - keep] if check else None
         held_out[index] = sequences[len(sequences) - keep :] if keep else sequences
         if not keep:
             LOG.warning("dam: %s has a single example; its held-out KL is measured on training data", row)
-    return ExpertData(experts, train, held_out, pad_id)
+    if any(v is None for v in validation.values()):
+        validation = None
+    return ExpertData(experts, train, held_out, pad_id, validation)
 
 
 def batch_indices(count: int, batch_size: int, micro_step: int, seed: int, salt: int) -> List[int]:

@@ -45,6 +45,7 @@ class TrainingReport:
     loss_curve: List[dict]  # per step: step, loss, kl per expert (and stage, in layer-wise mode)
     stages: int = 1
     estimate: Optional[dict] = None  # the pre-training estimate (end-to-end mode)
+    validation: Optional[dict] = None  # selection.KeepBest.report(): the curve and the kept step (end-to-end mode)
 
     def to_dict(self) -> dict:
         return {name: value for name, value in asdict(self).items() if value is not None}

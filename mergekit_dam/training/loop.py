@@ -39,12 +39,13 @@ class Stage:
 
 
 def fit(stage: Stage, settings: DamSettings, progress, *, ranks=None, begin: Optional[Callable] = None,
-        save: Optional[Callable] = None, log_eta: bool = False) -> List[dict]:
+        save: Optional[Callable] = None, log_eta: bool = False, select=None) -> List[dict]:
     """Run the stage; returns its history (one entry per step: step, loss, kl, tokens,
     and stage when named). `begin(optimizer)`, once before the first step: (first step,
     history so far) of a resumed run, or None; `save(step, optimizer, history)` every
     `checkpoint_every` steps, every `checkpoint_minutes`, and on SIGINT/SIGTERM before the
-    run stops; `ranks`: the process group of a sharded run."""
+    run stops; `ranks`: the process group of a sharded run; `select` (selection.KeepBest):
+    validation after each step, early stop, and the best coefficients put back at the end."""
     optimizer = torch.optim.AdamW(stage.params, lr=settings.lr, weight_decay=settings.weight_decay)
     factor = lr_factor(settings, stage.steps)
     first, history = (begin(optimizer) if begin else None) or (0, [])
@@ -56,8 +57,10 @@ def fit(stage: Stage, settings: DamSettings, progress, *, ranks=None, begin: Opt
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * factor(step)
             timely = bool(settings.checkpoint_minutes) and time.perf_counter() - last_save >= 60 * settings.checkpoint_minutes
+            spent = bool(select and select.over_budget())
             try:
-                loss, tokens, kls, (timely, stop) = _accumulate(stage, settings, step, ranks, (timely, interrupts.signal is not None))
+                loss, tokens, kls, (timely, stop, spent) = _accumulate(stage, settings, step, ranks,
+                                                                       (timely, interrupts.signal is not None, spent))
             except torch.OutOfMemoryError:
                 optimizer.zero_grad(set_to_none=True)  # the coefficients are still those after `step` steps
                 saved = bool(save) and step > first and not ranks  # sharded, the other ranks may not get here
@@ -76,12 +79,17 @@ def fit(stage: Stage, settings: DamSettings, progress, *, ranks=None, begin: Opt
             progress.set_postfix(**({"stage": stage.name} if stage.name else {}), loss=f"{loss:.4f}",
                                  **{f"kl{i}": f"{v:.3f}" for i, v in enumerate(kls.values())},
                                  tok_s=f"{tokens_seen / max(time.perf_counter() - clock, 1e-9):.0f}")
+            done = bool(select and select.after_step(step + 1, spent))
             due = settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0
-            if save and (due or timely or stop) and step + 1 < stage.steps:
+            if save and (due or timely or stop) and step + 1 < stage.steps and not done:
                 save(step + 1, optimizer, history)
                 last_save = time.perf_counter()
                 if stop:
                     interrupts.stop(step + 1)
+            if done:
+                break
+    if select:
+        select.finish()
     return history
 
 

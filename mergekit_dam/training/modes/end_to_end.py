@@ -36,6 +36,7 @@ from mergekit_dam.training.evaluate import held_out_kl
 from mergekit_dam.training.experts import build_view
 from mergekit_dam.training.job import TrainingJob, TrainingReport, TrainingResult
 from mergekit_dam.training.loop import Stage, fit
+from mergekit_dam.training.selection import KeepBest, evaluation_interval, validation_chart
 from mergekit_dam.training.teachers import make_teacher
 from mergekit_dam.training.view import MergedModel
 
@@ -56,13 +57,16 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     teacher = make_teacher(settings, lambda i, b: view.expert_logits(i, b.ids.to(device), b.mask.to(device)), device)
     for index, batches in data.chunks("train", settings.batch_size).items():
         teacher.prepare(index, batches)
-    held_out = data.chunks("held_out", settings.batch_size)
 
-    def evaluate() -> Dict[str, float]:
-        return held_out_kl(job.rows, held_out, lambda b: view.merged_logits(b.ids.to(device), b.mask.to(device))[0],
-                           lambda i, b: view.expert_logits(i, b.ids.to(device), b.mask.to(device)), settings.temperature, device)
+    def kl_on(split: str):
+        batches = data.chunks(split, settings.batch_size)
+        return lambda: held_out_kl(job.rows, batches, lambda b: view.merged_logits(b.ids.to(device), b.mask.to(device))[0],
+                                   lambda i, b: view.expert_logits(i, b.ids.to(device), b.mask.to(device)), settings.temperature, device)
 
-    checkpoints = Checkpoints(artifact_path, key, raw, bool(settings.checkpoint_every or settings.checkpoint_minutes), steps)
+    evaluate = kl_on("held_out")
+    select = KeepBest(raw, kl_on("validation"), every=evaluation_interval(settings.eval_every, steps), steps=steps,
+                      patience=settings.patience, max_minutes=settings.max_minutes, keep_best=settings.keep_best)
+    checkpoints = Checkpoints(artifact_path, key, raw, bool(settings.checkpoint_every or settings.checkpoint_minutes), steps, select)
 
     def micro_batch(step: int, micro: int) -> tuple:
         batch = _micro_batch(data, settings, step * settings.grad_accum + micro)
@@ -73,13 +77,17 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
 
     def begin(optimizer):
         resumed = checkpoints.begin(optimizer, evaluate)
-        clock[0] = time.perf_counter()  # tokens/s counts training, not the step-0 evaluation
+        if not resumed:
+            select.measure(0)  # the linear start: the coefficients to beat
+        clock[0] = time.perf_counter()  # tokens/s counts training, not the step-0 evaluations
         return resumed
 
     progress = tqdm(total=steps, desc="DAM training", disable=job.quiet or not distributed.is_main())
     history = fit(Stage(list(raw.values()), steps, micro_batch), settings, progress, ranks=ranks, begin=begin,
-                  save=checkpoints.save, log_eta=True)
+                  save=checkpoints.save, log_eta=True, select=select)
     progress.close()
+    if distributed.is_main():
+        validation_chart(select.report(), artifact_path + ".validation.png")
 
     coefficients, kl_start, kl_end = view.tables(), checkpoints.kl_start, evaluate()
     report = TrainingReport(
@@ -87,6 +95,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
         seconds=time.perf_counter() - started, tokens_per_second=_tokens_per_second(history[checkpoints.first_step:], clock[0]),
         peak_memory_bytes=peak_memory(device), trainable_coefficients=sum(p.numel() for p in raw.values()),
         held_out_kl={"step_0_linear_average": kl_start, "final": kl_end}, loss_curve=_curve(history), estimate=plan,
+        validation=select.report(),
     )
     checkpoints.remove()
     LOG.info("dam: trained in %.1f s; held-out KL per expert, linear average -> DAM: %s", report.seconds,
