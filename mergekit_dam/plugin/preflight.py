@@ -10,7 +10,9 @@ half-written folder. For configs that use `dam`, `guarded_run_merge` wraps it:
   anything is read or written;
 - the output folder is written under a temporary name beside it and renamed into place
   only when mergekit has finished, so a failed run leaves nothing (when the folder
-  already exists, mergekit writes into it as it always does).
+  already exists, mergekit writes into it as it always does);
+- the model card mergekit writes gets a DAM section (card.py): data, training, and the
+  coefficient artifact that reproduces the merge.
 
 Other merge methods pass straight through. The wrapper is installed on
 `mergekit.merge.run_merge` by the registration hook, before `mergekit-yaml` imports it.
@@ -108,14 +110,23 @@ def guarded(run_merge):
     def guarded_run_merge(merge_config, out_path, options, *args, **kwargs):
         if not uses_dam(merge_config):
             return run_merge(merge_config, out_path, options, *args, **kwargs)
+        from mergekit_dam.plugin import stage
+        from mergekit_dam.plugin.card import add_to_card, datasets_of
         from mergekit_dam.plugin.method import install_error_hook
 
         install_error_hook()
         check_datasets(merge_config)
         check_models(merge_config, getattr(options, "write_model_card", False))
+        first, datasets = len(stage.PREPARED_IN_ORDER), datasets_of(merge_config)  # before mergekit normalises the config
+
+        def merge_into(folder):
+            result = run_merge(merge_config, folder, options, *args, **kwargs)
+            add_to_card(folder, datasets, stage.PREPARED_IN_ORDER[first:], stage.report_path_of)
+            return result
+
         target = os.path.abspath(out_path)
         if os.path.exists(target):
-            return run_merge(merge_config, out_path, options, *args, **kwargs)
+            return merge_into(out_path)
         parent = os.path.dirname(target)
         try:
             os.makedirs(parent, exist_ok=True)
@@ -127,7 +138,7 @@ def guarded(run_merge):
         # the same base name inside, so that the model card names the model as asked
         inner = os.path.join(staging, os.path.basename(target))
         try:
-            result = run_merge(merge_config, inner, options, *args, **kwargs)
+            result = merge_into(inner)
             os.replace(inner, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from mergekit_dam.atomic import atomic_write_text
 from mergekit_dam.plugin import host
@@ -55,6 +55,7 @@ class CoefficientSource:
 
 
 _PREPARED: Dict[Tuple[str, Tuple[str, ...]], CoefficientSource] = {}
+PREPARED_IN_ORDER: List[CoefficientSource] = []  # every source this process prepared (the model card reads them)
 _TRAINED: Dict[str, str] = {}  # training key -> artifact written by this process
 _LOCK = threading.RLock()
 
@@ -271,12 +272,16 @@ def _train_here(context: MergeContext, dam, inventory: Inventory, data, key: str
         "held_out_kl": report.held_out_kl,
         "device": report.device,
     })
-    report_path = os.path.splitext(path)[0] + ".report.json"
+    report_path = report_path_of(path)
     atomic_write_text(report_path, json.dumps(report.to_dict(), indent=1))
     LOG.info("dam: wrote %s and %s", path, report_path)
     _TRAINED[key] = path
     distributed.barrier()
     return path
+
+
+def report_path_of(artifact_path: str) -> str:
+    return os.path.splitext(artifact_path)[0] + ".report.json"
 
 
 def decide(context: MergeContext, dam, inventory: Inventory) -> CoefficientSource:
@@ -311,6 +316,7 @@ def prepare(context: MergeContext) -> CoefficientSource:
         inventory = plan_inventory(context, dam.settings.base_row)
         source = decide(context, dam, inventory)
         _PREPARED[_key(dam.settings, source.rows)] = source
+        PREPARED_IN_ORDER.append(source)
     return source
 
 
