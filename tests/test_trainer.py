@@ -371,3 +371,20 @@ def test_out_of_memory_mid_run_is_one_line_and_the_run_resumes(lab, tmp_path, mo
     train_stage(lab_config(lab, artifact, train_device=device))
     a, b = load_file(str(reference)), load_file(str(artifact))
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "layer"])
+def test_coarser_granularity_trains_broadcast_tables_that_apply_exactly(lab, tmp_path, granularity):
+    artifact = tmp_path / "c.safetensors"
+    merge(lab_config(lab, artifact, granularity=granularity), tmp_path / "out")
+    tables = load_file(str(artifact))
+    assert any(not torch.allclose(t, torch.full_like(t, 1 / N)) for t in tables.values()), "it trained"
+    for name, table in tables.items():  # one value per input row, repeated over the columns
+        assert torch.equal(table, table[:, :1].expand_as(table)), name
+    if granularity == "layer":  # and one per decoder layer: every tensor of layer 0 shares it
+        layer0 = [t[:, 0] for name, t in tables.items() if name.startswith("model.layers.0.")]
+        assert len(layer0) > 3 and all(torch.equal(v, layer0[0]) for v in layer0)
+        assert not torch.equal(layer0[0], tables["model.layers.1.mlp.up_proj.weight"][:, 0])
+    merged = read_checkpoint(str(tmp_path / "out"))
+    for name, value in expected_merge(lab["experts"], tables, lab["experts"]).items():
+        torch.testing.assert_close(merged[name].double(), value, atol=1e-5, rtol=1e-5)

@@ -96,6 +96,10 @@ class DamSettings(BaseModel):
     entropy_weight: float = Field(0.0, ge=0, description="weight of the entropy of the merged model's predictions")
     mse_weight: float = Field(0.0, ge=0, description=(
         "weight of the mean squared error between merged and expert logits (needs `teacher: online`)"))
+    granularity: Literal["column", "tensor", "layer"] = Field("column", description=(
+        "what one coefficient covers: `column` (one per input column of each tensor, the paper's DAM), `tensor` (one "
+        "per model per tensor) or `layer` (one per model per decoder layer, AdaMerging-style; the embedding and the "
+        "head are one group each): fewer parameters for small data. The artifact stays [N, D] (broadcast values)"))
     parametrization: Literal["weights", "task_vectors"] = Field("weights", description=(
         "`weights`: merged W = Σ cᵢ ⊙ Wᵢ (the paper's DAM); `task_vectors`: merged W = W_base + Σ cᵢ ⊙ (Wᵢ − W_base), "
         "the base's row being 1 − Σ cᵢ, so that coefficients trade experts against the base rather than rescale a "

@@ -74,7 +74,7 @@ def build_view(job, device: torch.device, dtype: torch.dtype, ranks=None, lazy: 
     recompute = "weights" if settings.recompute == "auto" else settings.recompute
     view = MergedModel(
         skeleton, ExpertStacks(job, device, dtype), trained, settings.nonlinearity, recompute,
-        shard=ranks.shard if ranks else None, lazy=lazy, parametrization=parametrization,
+        shard=ranks.shard if ranks else None, lazy=lazy, parametrization=parametrization, granularity=settings.granularity,
     )
     if ranks:
         ranks.root(view)

@@ -118,17 +118,24 @@ def decoder_zeros(skeleton: torch.nn.Module, layers_prefix: str) -> Dict[str, to
 
 class Coefficients(torch.nn.Module):
     """One group's coefficient tables: raw float32 parameters for the tensors that train
-    (effective [N, D] table = parametrization.table(f(raw))), fixed starting tables for the rest."""
+    (effective [N, D] table = parametrization.table(f(raw))), fixed starting tables for the rest.
 
-    def __init__(self, widths: Sequence[int], trained: Sequence[bool], parametrization, nonlinearity: str, device):
+    granularity: `column` (one coefficient per input column, the paper's DAM), `tensor`
+    (one per tensor, raw [rows, 1]) or `layer` (one per group, shared by its tensors);
+    the coarser tables are broadcast to [N, D], so merging and the artifact are unchanged."""
+
+    def __init__(self, widths: Sequence[int], trained: Sequence[bool], parametrization, nonlinearity: str, device,
+                 granularity: str = "column"):
         super().__init__()
         self.function, inverse = NONLINEARITIES[nonlinearity]
-        self.parametrization = parametrization
+        self.parametrization, self.granularity = parametrization, granularity
         start = float(inverse(torch.tensor(parametrization.start)))
-        self.trained = list(trained)
-        self.raw = torch.nn.ParameterList(
-            [torch.nn.Parameter(torch.full((parametrization.rows, width), start, device=device)) for width, t in zip(widths, trained) if t]
-        )
+        self.widths, self.trained = list(widths), list(trained)
+        if granularity == "layer":
+            shapes = [(parametrization.rows, 1)] if any(trained) else []
+        else:
+            shapes = [(parametrization.rows, width if granularity == "column" else 1) for width, t in zip(widths, trained) if t]
+        self.raw = torch.nn.ParameterList([torch.nn.Parameter(torch.full(shape, start, device=device)) for shape in shapes])
         for slot, (width, t) in enumerate(zip(widths, trained)):
             if not t:
                 fixed = parametrization.table(torch.full((parametrization.rows, width), parametrization.start, device=device))
@@ -137,9 +144,20 @@ class Coefficients(torch.nn.Module):
     def effective(self, raw: torch.Tensor) -> torch.Tensor:
         return self.parametrization.table(self.function(raw))
 
-    def forward(self) -> List[torch.Tensor]:
-        raw = iter(self.raw)
-        return [self.effective(next(raw)) if t else getattr(self, f"fixed{slot}") for slot, t in enumerate(self.trained)]
+    def forward(self, gather: Callable = lambda raw: raw) -> List[torch.Tensor]:
+        """Every tensor's [N, D] table; `gather` is applied to each raw parameter first."""
+        raw, shared, tables = iter(self.raw), None, []
+        for slot, (width, t) in enumerate(zip(self.widths, self.trained)):
+            if not t:
+                tables.append(getattr(self, f"fixed{slot}"))
+                continue
+            if self.granularity == "layer":
+                shared = self.effective(gather(self.raw[0])) if shared is None else shared
+                table = shared
+            else:
+                table = self.effective(gather(next(raw)))
+            tables.append(table if table.shape[-1] == width else table.expand(-1, width))
+        return tables
 
 
 class TensorGroup(torch.nn.Module):
@@ -173,14 +191,8 @@ class TensorGroup(torch.nn.Module):
     def tables(self) -> Dict[str, torch.Tensor]:
         """Effective coefficients [N, D] of every tensor by full name, whole (gathered
         from the ranks when sharded), detached, float32, on CPU."""
-        coefficients = self.coefficients
-        raw = iter(coefficients.raw)
-        result = {}
         with torch.no_grad():
-            for slot, (name, trained) in enumerate(zip(self.full_names, coefficients.trained)):
-                table = coefficients.effective(full(next(raw))) if trained else getattr(coefficients, f"fixed{slot}")
-                result[name] = table.detach().float().cpu()
-        return result
+            return {name: table.detach().float().cpu().contiguous() for name, table in zip(self.full_names, self.coefficients(full))}
 
 
 class MergedBlock(torch.nn.Module):
@@ -285,7 +297,8 @@ class MergedModel(torch.nn.Module):
     stacks: expert stack [N, *shape] per tensor name (a lazy mapping may load each on
     access: every stack is read once, group by group); trained: the names whose
     coefficients train (the rest keep their start); parametrization: N -> ColumnWeights
-    or TaskVectors (how raw coefficients become the [N, D] table); shard: called with each group once built
+    or TaskVectors (how raw coefficients become the [N, D] table); granularity: one
+    coefficient per column, tensor or layer (Coefficients); shard: called with each group once built
     (distributed.Ranks.shard makes it an FSDP unit); lazy: build no group until `load`."""
 
     def __init__(
@@ -298,6 +311,7 @@ class MergedModel(torch.nn.Module):
         shard: Optional[Callable] = None,
         lazy: bool = False,
         parametrization: Optional[Callable[[int], object]] = None,
+        granularity: str = "column",
     ):
         super().__init__()
         # not a submodule: its parameters are meta placeholders that functional_call replaces
@@ -341,6 +355,7 @@ class MergedModel(torch.nn.Module):
         self.members, self.local_names = members, local_names
         self._stacks, self.trained_names, self._nonlinearity, self._shard = stacks, trained, nonlinearity, shard
         self._parametrization = parametrization or ColumnWeights  # rows -> ColumnWeights or TaskVectors
+        self._granularity = granularity  # "column", "tensor" or "layer" (Coefficients)
         self.groups = torch.nn.ModuleDict()
         if not lazy:
             for key in members:
@@ -357,7 +372,7 @@ class MergedModel(torch.nn.Module):
         n = stacks[0].shape[0] if stacks else 1
         device = stacks[0].device if stacks else None
         coefficients = Coefficients([s.shape[-1] for s in stacks], [name in self.trained_names for name in names],
-                                    self._parametrization(n), self._nonlinearity, device)
+                                    self._parametrization(n), self._nonlinearity, device, self._granularity)
         group = TensorGroup([self.local_names.get(name, name) for name in names], names, stacks, coefficients)
         del stacks
         if self._shard is not None:
@@ -433,11 +448,16 @@ class MergedModel(torch.nn.Module):
     # --- coefficients ---------------------------------------------------------------
 
     def raw_parameters(self) -> Dict[str, torch.nn.Parameter]:
-        """The trainable raw coefficients by full tensor name."""
+        """The trainable raw coefficients by full tensor name (by group name, e.g.
+        `layer3`, with granularity: layer)."""
         result = {}
-        for group in self.groups.values():
-            raw = iter(group.coefficients.raw)
-            for name, t in zip(group.full_names, group.coefficients.trained):
+        for key, group in self.groups.items():
+            coefficients = group.coefficients
+            if coefficients.granularity == "layer":
+                result.update({key: coefficients.raw[0]} if len(coefficients.raw) else {})
+                continue
+            raw = iter(coefficients.raw)
+            for name, t in zip(group.full_names, coefficients.trained):
                 if t:
                     result[name] = next(raw)
         return result
