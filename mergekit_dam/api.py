@@ -15,10 +15,24 @@ def load_config(config: Union[str, dict, object]):
 
     if isinstance(config, MergeConfiguration):
         return config.model_copy(deep=True)  # planning normalises it in place
+    from pydantic import ValidationError
+
+    source = "the config"
     if isinstance(config, str):
-        with open(config, "r", encoding="utf-8") as handle:
-            config = yaml.safe_load(handle)
-    return MergeConfiguration.model_validate(config)
+        source = config
+        try:
+            with open(config, "r", encoding="utf-8") as handle:
+                config = yaml.safe_load(handle)
+        except FileNotFoundError:
+            raise DamError(f"dam: config file {source} does not exist; check the path") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise DamError(f"dam: {source} is not a readable YAML file ({str(error).splitlines()[0]}); fix it") from None
+    try:
+        return MergeConfiguration.model_validate(config)
+    except (ValidationError, RuntimeError) as error:
+        first = error.errors()[0] if isinstance(error, ValidationError) else {"loc": (), "msg": str(error)}
+        where = ".".join(str(part) for part in first["loc"])
+        raise DamError(f"dam: {source} is not a valid mergekit config ({where + ': ' if where else ''}{first['msg']}); fix it") from None
 
 
 def train(config, options=None, out: Optional[str] = None):
@@ -33,12 +47,14 @@ def train(config, options=None, out: Optional[str] = None):
     from mergekit.merge_methods import registry
 
     import mergekit_dam  # noqa: F401  (registers dam)
-    from mergekit_dam.plugin import host
+    from mergekit_dam.plugin import host, preflight
 
     config = load_config(config)
     if config.merge_method != "dam":
         raise DamError(f"dam: the config's merge_method is `{config.merge_method}`, not `dam`")
     if out is not None:
         config.parameters = {**(config.parameters or {}), "coefficients": out}
+    preflight.check_datasets(config)  # as mergekit-yaml does for a dam merge, before mergekit reads a model
+    preflight.check_models(config)
     planner = host.plan_merge(config, options or MergeOptions())  # DAM's validate_inputs runs the stage here, as in a merge
     return registry.get("dam").prepared[planner]

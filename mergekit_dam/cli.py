@@ -84,6 +84,10 @@ def main(argv=None) -> int:
     except DamError as error:
         print(f"mergekit-dam error: {error}", file=sys.stderr)
         return 1
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as error:  # a path the user gave
+        where = f" {error.filename}" if error.filename else ""
+        print(f"mergekit-dam error: cannot use{where} ({error.strerror or error}); check the path", file=sys.stderr)
+        return 1
     return 0
 
 
