@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from mergekit_dam.api import train as train_stage
 from mergekit_dam.cli import main as cli
 from mergekit_dam.plugin import stage
+from mergekit_dam.plugin.artifact import write_artifact
 from mergekit_dam.plugin.config import DamError
 from mergekit_dam.tools.lab import SKILLS
 from mergekit_dam.tools.tiny import make_tokenizer
@@ -388,3 +389,26 @@ def test_coarser_granularity_trains_broadcast_tables_that_apply_exactly(lab, tmp
     merged = read_checkpoint(str(tmp_path / "out"))
     for name, value in expected_merge(lab["experts"], tables, lab["experts"]).items():
         torch.testing.assert_close(merged[name].double(), value, atol=1e-5, rtol=1e-5)
+
+
+def test_a_warm_start_begins_from_another_artifact(lab, tmp_path):
+    first = tmp_path / "first.safetensors"
+    train_stage(lab_config(lab, first))
+    trained = load_file(str(first))
+    # no learning: the run writes where it started, i.e. the first run's coefficients
+    again = tmp_path / "again.safetensors"
+    train_stage(lab_config(lab, again, init_from=str(first), lr=1e-12, steps=1))
+    for name, table in load_file(str(again)).items():
+        torch.testing.assert_close(table, trained[name], rtol=0, atol=1e-6)
+    # coarser granularity starts from the column means
+    coarse = tmp_path / "coarse.safetensors"
+    train_stage(lab_config(lab, coarse, init_from=str(first), lr=1e-12, steps=1, granularity="tensor"))
+    for name, table in load_file(str(coarse)).items():
+        torch.testing.assert_close(table, trained[name].mean(dim=1, keepdim=True).expand_as(table), rtol=0, atol=1e-6)
+
+
+def test_a_warm_start_from_other_models_is_refused(lab, tmp_path):
+    other = tmp_path / "other.safetensors"
+    write_artifact(str(other), {"model.norm.weight": torch.rand(2, 32)}, ["a", "b"])
+    with pytest.raises(DamError, match="was made for models"):
+        train_stage(lab_config(lab, tmp_path / "c.safetensors", init_from=str(other)))

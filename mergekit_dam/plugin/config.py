@@ -107,6 +107,9 @@ class DamSettings(BaseModel):
     init_weight: Optional[float] = Field(None, description=(
         "start of every expert's coefficient with `parametrization: task_vectors`: unset = 1/N (the linear average of "
         "the experts); λ = task arithmetic with weight λ"))
+    init_from: Optional[str] = Field(None, description=(
+        "a warm start: begin from the coefficients of this artifact (rows matched by model name; with a coarser "
+        "`granularity` their column means) instead of the linear average"))
     nonlinearity: Literal["none", "tanh", "sigmoid", "relu"] = Field("none", description=(
         "`none`, `tanh`, `sigmoid` or `relu`, applied to the coefficients (the artifact stores effective values)"))
     train_embeddings: bool = Field(True, description=(
@@ -152,6 +155,8 @@ class DamSettings(BaseModel):
 
     @model_validator(mode="after")
     def _compatible(self):
+        if self.init_weight is not None and self.init_from:
+            raise ValueError("init_weight and init_from are two starts; keep one")
         if self.init_weight is not None and self.parametrization != "task_vectors":
             raise ValueError("init_weight applies to parametrization: task_vectors; drop it or set the parametrization")
         if self.teacher == "topk" and self.mse_weight:

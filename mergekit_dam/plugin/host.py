@@ -11,7 +11,6 @@ the plugin never sees the planner or mergekit's options object.
 from __future__ import annotations
 
 import contextlib
-
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional

@@ -125,6 +125,10 @@ def training_key(settings: DamSettings, inventory: Inventory, data: Dict[str, Mo
     for row in inventory.row_names:
         if row in data:
             _data_fingerprint(data[row], digest)
+    if settings.init_from and os.path.isfile(resolve_path(settings.init_from)):  # a warm start: its content matters
+        with open(resolve_path(settings.init_from), "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -17,9 +17,9 @@ Shuffled with the seed, the first `samples` kept, truncated to `max_length` toke
 
 from __future__ import annotations
 
+import codecs
 import logging
 import math
-import codecs
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple

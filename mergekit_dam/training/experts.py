@@ -49,6 +49,27 @@ class ExpertStacks(Mapping):
         return len(self.specs)
 
 
+def warm_start(job):
+    """full name -> the [N, D] table of `init_from`'s artifact in the job's row order, or None."""
+    if not job.settings.init_from:
+        return None
+    from mergekit_dam.plugin.artifact import open_artifact
+    from mergekit_dam.plugin.config import resolve_path
+
+    artifact = open_artifact(resolve_path(job.settings.init_from))
+    rows = artifact.row_index([str(model) for model in job.models])
+    shapes = {spec.name: spec.shape for spec in job.tensors}
+
+    def start(name: str) -> torch.Tensor:
+        table = artifact.get(name)[rows]
+        if table.shape[1] != (shapes[name][-1] if shapes[name] else 1):
+            raise DamError(f"dam: init_from {artifact.path} has {table.shape[1]} columns for {name}, the tensor "
+                           f"{shapes[name][-1]}; start from an artifact of these models")
+        return table
+
+    return start
+
+
 def trains(kind: str, settings: DamSettings) -> bool:
     """Whether a tensor of this kind (view.tensor_kinds) learns coefficients."""
     return kind == "linear" or (kind == "embedding" and settings.train_embeddings) or (kind == "norm" and settings.train_norms)
@@ -73,7 +94,7 @@ def build_view(job, device: torch.device, dtype: torch.dtype, ranks=None, lazy: 
     # end-to-end training settles `auto` against its memory estimate; one layer at a time (layerwise) it fits
     recompute = "weights" if settings.recompute == "auto" else settings.recompute
     view = MergedModel(
-        skeleton, ExpertStacks(job, device, dtype), trained, settings.nonlinearity, recompute,
+        skeleton, ExpertStacks(job, device, dtype), trained, settings.nonlinearity, recompute, starts=warm_start(job),
         shard=ranks.shard if ranks else None, lazy=lazy, parametrization=parametrization, granularity=settings.granularity,
     )
     if ranks:

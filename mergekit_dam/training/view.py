@@ -31,6 +31,7 @@ from mergekit_dam.kernels import ColumnMerge, merge_stack
 from mergekit_dam.plugin.config import DamError
 from mergekit_dam.training.distributed import full
 
+DOMAINS = {"tanh": (-1 + 1e-6, 1 - 1e-6), "sigmoid": (1e-6, 1 - 1e-6)}  # where f's inverse is finite
 NONLINEARITIES = {  # f and its inverse (for the initial value f(raw) = 1/N)
     "none": (lambda x: x.clone(), lambda y: y),  # clone: FSDP frees the gathered parameter after forward
     "tanh": (torch.tanh, torch.atanh),
@@ -90,6 +91,10 @@ class ColumnWeights:
     def table(self, values: torch.Tensor) -> torch.Tensor:
         return values
 
+    def values(self, table: torch.Tensor) -> torch.Tensor:
+        """The trained rows of a full [N, D] table (the inverse of `table`)."""
+        return table
+
 
 class TaskVectors:
     """merged = W_base + sum_{i != base} c_i * (W_i - W_base): the base row's coefficient
@@ -104,6 +109,9 @@ class TaskVectors:
     def table(self, values: torch.Tensor) -> torch.Tensor:
         base = 1 - values.sum(dim=0, keepdim=True)
         return torch.cat([values[: self.base_row], base, values[self.base_row :]])
+
+    def values(self, table: torch.Tensor) -> torch.Tensor:
+        return torch.cat([table[: self.base_row], table[self.base_row + 1 :]])
 
 
 def decoder_zeros(skeleton: torch.nn.Module, layers_prefix: str) -> Dict[str, torch.Tensor]:
@@ -125,21 +133,30 @@ class Coefficients(torch.nn.Module):
     the coarser tables are broadcast to [N, D], so merging and the artifact are unchanged."""
 
     def __init__(self, widths: Sequence[int], trained: Sequence[bool], parametrization, nonlinearity: str, device,
-                 granularity: str = "column"):
+                 granularity: str = "column", starts: Optional[Sequence[Optional[torch.Tensor]]] = None):
         super().__init__()
         self.function, inverse = NONLINEARITIES[nonlinearity]
         self.parametrization, self.granularity = parametrization, granularity
-        start = float(inverse(torch.tensor(parametrization.start)))
         self.widths, self.trained = list(widths), list(trained)
-        if granularity == "layer":
-            shapes = [(parametrization.rows, 1)] if any(trained) else []
-        else:
-            shapes = [(parametrization.rows, width if granularity == "column" else 1) for width, t in zip(widths, trained) if t]
-        self.raw = torch.nn.ParameterList([torch.nn.Parameter(torch.full(shape, start, device=device)) for shape in shapes])
+        values = [self._start_values(width, start) for width, t, start in zip(widths, trained, starts or [None] * len(widths)) if t]
+        if granularity == "layer":  # one value per row for the whole group: the mean of its tensors'
+            values = [torch.stack(values).mean(0)] if values else []
+        if nonlinearity in DOMAINS:
+            values = [v.clamp(*DOMAINS[nonlinearity]) for v in values]
+        self.raw = torch.nn.ParameterList([torch.nn.Parameter(inverse(v).to(device)) for v in values])
         for slot, (width, t) in enumerate(zip(widths, trained)):
             if not t:
                 fixed = parametrization.table(torch.full((parametrization.rows, width), parametrization.start, device=device))
                 self.register_buffer(f"fixed{slot}", fixed)
+
+    def _start_values(self, width: int, start: Optional[torch.Tensor]) -> torch.Tensor:
+        """The trained rows' starting values: a warm-start table's, or the parametrization's start."""
+        rows = self.parametrization.rows
+        if start is None:
+            values = torch.full((rows, width), float(self.parametrization.start))
+        else:
+            values = self.parametrization.values(start.detach().float().cpu())
+        return values if self.granularity == "column" else values.mean(dim=1, keepdim=True)
 
     def effective(self, raw: torch.Tensor) -> torch.Tensor:
         return self.parametrization.table(self.function(raw))
@@ -298,7 +315,8 @@ class MergedModel(torch.nn.Module):
     access: every stack is read once, group by group); trained: the names whose
     coefficients train (the rest keep their start); parametrization: N -> ColumnWeights
     or TaskVectors (how raw coefficients become the [N, D] table); granularity: one
-    coefficient per column, tensor or layer (Coefficients); shard: called with each group once built
+    coefficient per column, tensor or layer (Coefficients); starts: full name -> the [N, D]
+    table to start from (a warm start; default: the parametrization's start); shard: called with each group once built
     (distributed.Ranks.shard makes it an FSDP unit); lazy: build no group until `load`."""
 
     def __init__(
@@ -312,6 +330,7 @@ class MergedModel(torch.nn.Module):
         lazy: bool = False,
         parametrization: Optional[Callable[[int], object]] = None,
         granularity: str = "column",
+        starts: Optional[Callable[[str], torch.Tensor]] = None,
     ):
         super().__init__()
         # not a submodule: its parameters are meta placeholders that functional_call replaces
@@ -356,6 +375,7 @@ class MergedModel(torch.nn.Module):
         self._stacks, self.trained_names, self._nonlinearity, self._shard = stacks, trained, nonlinearity, shard
         self._parametrization = parametrization or ColumnWeights  # rows -> ColumnWeights or TaskVectors
         self._granularity = granularity  # "column", "tensor" or "layer" (Coefficients)
+        self._starts = starts  # full name -> [N, D] starting table (a warm start), or None
         self.groups = torch.nn.ModuleDict()
         if not lazy:
             for key in members:
@@ -372,7 +392,8 @@ class MergedModel(torch.nn.Module):
         n = stacks[0].shape[0] if stacks else 1
         device = stacks[0].device if stacks else None
         coefficients = Coefficients([s.shape[-1] for s in stacks], [name in self.trained_names for name in names],
-                                    self._parametrization(n), self._nonlinearity, device, self._granularity)
+                                    self._parametrization(n), self._nonlinearity, device, self._granularity,
+                                    [self._starts(name) for name in names] if self._starts else None)
         group = TensorGroup([self.local_names.get(name, name) for name in names], names, stacks, coefficients)
         del stacks
         if self._shard is not None:

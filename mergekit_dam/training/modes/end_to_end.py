@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 from tqdm.auto import tqdm
 
@@ -36,7 +36,11 @@ from mergekit_dam.training.evaluate import held_out_kl
 from mergekit_dam.training.experts import build_view
 from mergekit_dam.training.job import TrainingJob, TrainingReport, TrainingResult
 from mergekit_dam.training.loop import Stage, fit
-from mergekit_dam.training.selection import KeepBest, evaluation_interval, validation_chart
+from mergekit_dam.training.selection import (
+    KeepBest,
+    evaluation_interval,
+    validation_chart,
+)
 from mergekit_dam.training.teachers import make_teacher
 from mergekit_dam.training.view import MergedModel
 
