@@ -143,7 +143,7 @@ def main():
     floor_peak = peak(device)
     floor_profile = kernel_table(floor, device) if args.profile else None
     base = {name: p.detach().clone() for name, p in plain.named_parameters()}
-    del plain
+    plain = None  # freed before the DAM variants (the floor closure is not called again)
 
     # DAM: N experts = base + perturbations, stacked once; fp32 coefficients; the trainer's step
     reset_peak(device)
