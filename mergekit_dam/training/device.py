@@ -3,6 +3,7 @@ dtype, and the memory a run may use and did use."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Optional
 
@@ -55,6 +56,15 @@ def available_memory(device: torch.device) -> Optional[int]:
     except OSError:
         pass
     return None
+
+
+def resident_bytes() -> Optional[int]:
+    """This process's resident memory now (Linux), or None."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def peak_memory(device: torch.device) -> int:

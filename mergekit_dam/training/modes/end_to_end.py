@@ -28,6 +28,7 @@ from mergekit_dam.training.device import (
     available_memory,
     dtype_name,
     peak_memory,
+    resident_bytes,
     resolve_device,
     start_run,
 )
@@ -132,12 +133,17 @@ def _check_memory(job, data: ExpertData, view: MergedModel, device, dtype, steps
 
     view.recompute = recompute_mode(settings.recompute, ranks is not None, lambda mode: plan_for(mode)["peak_bytes"], available)
     plan = {**plan_for(view.recompute), "recompute": view.recompute}
+    resident = resident_bytes() if device.type == "cpu" else None
+    if resident:  # on CPU the process holds more than the stacks: measure it instead of the stacks' estimate
+        memory = {name: size for name, size in plan["memory_bytes"].items() if name != "expert_weights"}
+        memory["process_after_loading"] = resident  # runtime, expert stacks, checkpoint pages read into them
+        plan = {**plan, "memory_bytes": memory, "peak_bytes": sum(memory.values())}
     LOG.info("dam: training %d coefficients (%d of %d tensors) for inputs %s; experts with data: %s",
              trainable, len(raw), len(job.tensors), job.rows, [job.rows[i] for i in data.experts])
     LOG.info("dam: %d steps on %s%s (%s, recompute: %s); estimated peak memory %.2f GiB%s, %.2f TFLOP per step",
              steps, device, f" x {world} processes (FSDP)" if ranks else "", dtype_name(dtype), view.recompute, plan["peak_bytes"] / 2**30,
              f" of {available / 2**30:.1f} GiB available" if available else "", plan["flops_per_step"] / 1e12)
-    if available is not None and plan["peak_bytes"] > available:
+    if available is not None and plan["peak_bytes"] - (resident or 0) > available:  # what is resident is had already
         raise DamError(
             f"dam: training needs about {plan['peak_bytes'] / 2**30:.1f} GiB on {device} but {available / 2**30:.1f} GiB "
             "is available; lower max_length or batch_size, use train_dtype: bfloat16, recompute: layer, mode: layerwise, "
