@@ -191,7 +191,7 @@ def main():
     results["settings"] = {"dam": DAM_DEFAULTS, "runs": runs, "expert_steps": args.expert_steps, "expert_lr": args.expert_lr}
     with open(os.path.join(args.work, "results.json"), "w") as handle:
         json.dump(results, handle, indent=1)
-    table = markdown(results)
+    table = markdown({name: entry for name, entry in results.items() if name not in ("times", "settings")})
     with open(os.path.join(args.work, "results.md"), "w") as handle:
         handle.write(table)
     print(table)
