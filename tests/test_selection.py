@@ -46,7 +46,7 @@ def test_patience_stops_and_the_start_is_kept_when_nothing_beats_it(caplog):
         run(select, param, 10)
     assert select.stopped_at == 3 and select.best_step == 0 and float(param.detach()) == 0.0
     assert "stopped after step 3 of 10: no improvement in 3 evaluations" in caplog.text
-    assert "training never improved on the linear start's validation KL (1.0000); writing the start" in caplog.text
+    assert "training never improved on the starting coefficients' validation KL (1.0000); writing the start" in caplog.text
     assert not select.report()["improved_on_start"]
 
 
@@ -90,7 +90,7 @@ def test_a_run_that_only_gets_worse_writes_the_linear_start_and_says_so(lab, tmp
         train_stage(lab_dam_config(lab, artifact, steps=6, lr=3.0, grad_clip=0, max_length=24, batch_size=4, samples=40))
     report = json.loads((tmp_path / "c.report.json").read_text())
     assert not report["validation"]["improved_on_start"], report["validation"]
-    assert "training never improved on the linear start's validation KL" in caplog.text
+    assert "training never improved on the starting coefficients' validation KL" in caplog.text
     for table in load_file(str(artifact)).values():
         torch.testing.assert_close(table, torch.full_like(table, 1 / len(lab["experts"])))
     assert (tmp_path / "c.safetensors.validation.png").stat().st_size > 1000

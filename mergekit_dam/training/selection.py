@@ -82,8 +82,8 @@ class KeepBest:
                 p.copy_(self.best[name])
         start = self.curve[0]["mean"] if self.curve and self.curve[0]["step"] == 0 else None
         if self.best_step == 0:
-            LOG.warning("dam: training never improved on the linear start's validation KL (%.4f); writing the start. "
-                        "Try a lower `lr` or more data", self.best_mean)
+            LOG.warning("dam: training never improved on the starting coefficients' validation KL (%.4f); writing the start "
+                        "(the linear average, or init_from's). Try a lower `lr` or more data", self.best_mean)
         else:
             LOG.info("dam: keeping the coefficients of step %d (validation KL %.4f%s)", self.best_step, self.best_mean,
                      f", linear start {start:.4f}" if start is not None else "")
