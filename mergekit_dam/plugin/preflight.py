@@ -60,16 +60,13 @@ def check_models(config, write_model_card: bool = False) -> None:
 
 def check_datasets(config) -> None:
     """Local dataset files that do not exist, named before mergekit reads any model."""
+    from mergekit_dam.plugin.card import datasets_of
     from mergekit_dam.plugin.config import resolve_path
     from mergekit_dam.training.data import is_local
 
-    sources = [(m.model, m.parameters or {}) for m in config.models or []]
-    for output in config.slices or []:
-        sources += [(s.model, s.parameters or {}) for s in output.sources]
-    for model, parameters in sources:
-        dataset = parameters.get("dataset")
-        if isinstance(dataset, str) and is_local(dataset) and not os.path.exists(resolve_path(dataset)):
-            raise DamError(f"dam: dataset file {dataset} (model {model.model.path}) does not exist; fix the path")
+    for model, dataset in datasets_of(config).items():
+        if is_local(dataset) and not os.path.exists(resolve_path(dataset)):
+            raise DamError(f"dam: dataset file {dataset} (model {model}) does not exist; fix the path")
 
 
 def _check_card_lookup(path: str) -> None:

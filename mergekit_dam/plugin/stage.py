@@ -104,12 +104,16 @@ def _model_fingerprint(model, digest) -> None:
                 digest.update(name.encode() + handle.read())
 
 
+def _file_content(path: str, digest) -> None:
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+
+
 def _data_fingerprint(settings: ModelSettings, digest) -> None:
     digest.update(settings.model_dump_json().encode())
     if is_local(settings.dataset) and os.path.isfile(resolve_path(settings.dataset)):
-        with open(resolve_path(settings.dataset), "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        _file_content(resolve_path(settings.dataset), digest)
 
 
 def training_key(settings: DamSettings, inventory: Inventory, data: Dict[str, ModelSettings], skeleton_model, chat_template) -> str:
@@ -126,9 +130,7 @@ def training_key(settings: DamSettings, inventory: Inventory, data: Dict[str, Mo
         if row in data:
             _data_fingerprint(data[row], digest)
     if settings.init_from and os.path.isfile(resolve_path(settings.init_from)):  # a warm start: its content matters
-        with open(resolve_path(settings.init_from), "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        _file_content(resolve_path(settings.init_from), digest)
     return digest.hexdigest()
 
 
