@@ -1,8 +1,9 @@
 """Every file the package writes for others to read (artifacts, checkpoints, reports,
 manifests) is written through `atomic_write`: a process killed at any moment leaves the
-old file or the new one, never a torn one. A temp file carries its writer's pid, so the
-next write into that folder removes those of writers that were killed (SIGKILL leaves no
-chance to clean up)."""
+old file or the new one, never a torn one. The new file is written inside a private
+folder named with its writer's pid (libraries make temp files of their own next to the
+file they write: safetensors' `.tmpXXXXXX`), so the next write into that folder removes
+whatever killed writers left (SIGKILL leaves no chance to clean up)."""
 
 from __future__ import annotations
 
@@ -27,12 +28,12 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     the temp file's private 0600. If the disk fills or the directory is not writable,
     nothing is left behind and a WriteError says so."""
     directory = os.path.dirname(os.path.abspath(path))
-    temp_path = None
+    staging = None
     try:
         os.makedirs(directory, exist_ok=True)
         remove_orphans(directory)
-        handle, temp_path = tempfile.mkstemp(prefix=f".dam-{os.getpid()}-", suffix=".tmp", dir=directory)
-        os.close(handle)
+        staging = tempfile.mkdtemp(prefix=f".dam-{os.getpid()}-", suffix=".tmp", dir=directory)
+        temp_path = os.path.join(staging, os.path.basename(path))
         write(temp_path)
         umask = os.umask(0)
         os.umask(umask)
@@ -41,12 +42,13 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
             os.fsync(written.fileno())
         os.replace(temp_path, path)
     except BaseException as error:
-        if temp_path and os.path.exists(temp_path):
-            os.unlink(temp_path)
         reason = _write_failure(error)
         if reason:
             raise WriteError(f"dam: cannot write {path}: {reason}; free space there or choose a writable location") from None
         raise
+    finally:
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 ORPHAN = re.compile(r"^\.dam-(?:partial-)?(\d+)-")  # temp files here, staging folders (plugin/preflight.py)

@@ -94,12 +94,38 @@ def test_the_next_write_removes_what_killed_writers_left(tmp_path):
         time.sleep(delay)
         process.send_signal(signal.SIGKILL)
         process.wait()
-        leftovers |= {name for name in os.listdir(tmp_path) if name.startswith(".dam-")}
+        leftovers |= set(os.listdir(tmp_path)) - {"c.safetensors"}
     os.mkdir(tmp_path / f".dam-partial-{process.pid}-0123abcd")  # a killed merge's staging folder
+    # what a writer killed inside safetensors' save_file leaves: its own temp file, next to
+    # the file it writes, which here is inside the writer's private folder
+    os.mkdir(tmp_path / f".dam-{process.pid}-0123abcd.tmp")
+    (tmp_path / f".dam-{process.pid}-0123abcd.tmp" / ".tmpNLEYgs").write_bytes(b"\0" * 64)
     live = tmp_path / f".dam-{os.getpid()}-live.tmp"
     live.write_text("a write in progress in this process")
     write_artifact(path, {"t": torch.ones(2, 3)}, ["a", "b"])
     assert sorted(os.listdir(tmp_path)) == sorted([live.name, "c.safetensors"]), leftovers
+
+
+SIBLING_TEMP_WRITER = """
+import os, sys
+from mergekit_dam.atomic import atomic_write
+
+def write(temp_path):  # as safetensors' save_file does: its own temp file beside the target
+    with open(os.path.join(os.path.dirname(temp_path), ".tmpNLEYgs"), "wb") as handle:
+        handle.write(b"partial")
+    os._exit(9)  # killed here: no cleanup runs
+
+atomic_write(sys.argv[1], write)
+"""
+
+
+def test_a_library_temp_file_left_by_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    path = str(tmp_path / "c.safetensors")
+    process = subprocess.run([sys.executable, "-c", SIBLING_TEMP_WRITER, path])
+    assert process.returncode == 9
+    assert os.listdir(tmp_path), "the killed writer left something"
+    write_artifact(path, {"t": torch.ones(2, 3)}, ["a", "b"])
+    assert os.listdir(tmp_path) == ["c.safetensors"]
 
 
 def test_two_concurrent_mergekit_runs_train_once_and_agree(lab, tmp_path):
