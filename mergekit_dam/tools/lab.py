@@ -11,7 +11,9 @@ Mirrors the DAM paper's setup (experts from one base with different specialities
   structure (closing brackets, `([<~` -> `>])`);
 - per skill: calibration data for DAM, a validation split for tuning, and a held-out
   split with exact answers. The example space is partitioned by a hash of the prompt,
-  so held-out prompts never occur in fine-tuning, calibration or validation data.
+  so held-out prompts never occur in fine-tuning, calibration or validation data;
+- an lm-evaluation-harness task per skill over its held-out file (`lm_eval_tasks/`, tag
+  `dam_lab`), so `compare --lm-eval` runs offline on the lab.
 Cached in its directory; rebuilt only when the recipe changes.
 """
 
@@ -25,12 +27,14 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Tuple
 
 import torch
+import yaml
 
 from mergekit_dam.atomic import atomic_write_text
 from mergekit_dam.tools.tiny import make_config, make_tokenizer, save_model
 
 SKILLS = ("arithmetic", "shift", "translate", "brackets")
 SPLITS = ("train", "validation", "held_out")
+LM_EVAL_TAG = "dam_lab"  # lm-eval runs all of the lab's tasks under this name
 
 WORDS = ["the", "a", "cat", "dog", "bird", "fish", "man", "woman", "child", "house", "tree", "river", "sees",
          "eats", "likes", "finds", "big", "small", "red", "old", "runs", "sleeps", "near", "under", "and"]
@@ -157,6 +161,41 @@ def _write_jsonl(path: str, records: List[dict]) -> str:
     return path
 
 
+def lm_eval_task(skill: str, held_out: str, tokenizer) -> dict:
+    """The lm-eval task of one skill, built to mirror compare's exact match so that the two
+    scores agree: the prompt alone as context, greedy generation ended by the end-of-sequence
+    token the experts learned or after the longest answer + 2 tokens, whitespace-trimmed
+    comparison."""
+    with open(held_out, encoding="utf-8") as handle:
+        answers = [json.loads(line)["answer"] for line in handle if line.strip()]
+    longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    return {
+        "task": f"{LM_EVAL_TAG}_{skill}",
+        "tag": LM_EVAL_TAG,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": held_out}},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_text": "prompt",
+        "doc_to_target": "answer",
+        "target_delimiter": "",
+        "generation_kwargs": {"until": [tokenizer.eos_token], "do_sample": False, "max_gen_toks": longest + 2},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
+                         "regexes_to_ignore": [r"^\s+", r"\s+$"]}],
+        "metadata": {"version": 1},
+    }
+
+
+def write_lm_eval_tasks(root: str, skills: Dict[str, dict]) -> str:
+    """One task YAML per skill in `root/lm_eval_tasks`, for lm-eval's `include_path`."""
+    folder = os.path.join(root, "lm_eval_tasks")
+    tokenizer = make_tokenizer()
+    for skill, files in skills.items():
+        task = lm_eval_task(skill, files["held_out"], tokenizer)
+        atomic_write_text(os.path.join(folder, f"{task['task']}.yaml"), yaml.safe_dump(task, sort_keys=False))
+    return folder
+
+
 def build(root: str, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
     """Build (or reuse) the lab in `root`; returns its manifest (also `root/lab.json`)."""
     from tqdm.auto import tqdm
@@ -168,6 +207,9 @@ def build(root: str, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
         with open(manifest_path, encoding="utf-8") as handle:
             manifest = json.load(handle)
         if manifest.get("recipe") == asdict(recipe):
+            if "lm_eval_tasks" not in manifest:  # a lab built before it had them
+                manifest["lm_eval_tasks"] = write_lm_eval_tasks(root, manifest["skills"])
+                atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
             return manifest
 
     torch.manual_seed(recipe.seed)
@@ -204,5 +246,6 @@ def build(root: str, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
         manifest["skills"][skill] = {"expert": save_model(expert, os.path.join(root, f"expert_{skill}"), tokenizer), **files}
         bar.update()
     bar.close()
+    manifest["lm_eval_tasks"] = write_lm_eval_tasks(root, manifest["skills"])
     atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
     return manifest
