@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     lab = commands.add_parser("lab", help="the offline merge lab").add_subparsers(dest="lab_command", required=True)
     lab_build = lab.add_parser("build", parents=[quiet], help="build (or reuse) the tiny lab: base, experts, data")
     lab_build.add_argument("dir", nargs="?", default="dam-lab")
-    compare = commands.add_parser("compare", parents=[quiet], help="score models on held-out skill data; table, JSON, chart")
+    compare = commands.add_parser("compare", parents=[quiet], help="score models on held-out skill data (and lm-eval tasks); table, JSON, chart")
     compare.add_argument("models", nargs="+", help="model dirs, as PATH or NAME=PATH")
     compare.add_argument("--lab", help="lab dir: its held-out data, experts, base and general text")
     compare.add_argument("--skill", action="append", default=[], metavar="NAME=FILE", help="held-out jsonl per skill")
@@ -36,6 +36,13 @@ def main(argv=None) -> int:
     compare.add_argument("--general", help="general-text jsonl (forgetting)")
     compare.add_argument("--base", help="base model dir (for retention)")
     compare.add_argument("--out", default="dam-compare", help="where compare.json/.md/.png go")
+    compare.add_argument("--lm-eval", metavar="TASKS", help="also run these lm-evaluation-harness tasks, groups or tags "
+                         "on every model (comma-separated, e.g. gsm8k,arc_challenge; the lab's: dam_lab); needs "
+                         "pip install mergekit-dam[eval]")
+    compare.add_argument("--lm-eval-include", metavar="DIR", help="more lm-eval task YAMLs (lm-eval's include_path; "
+                         "default with --lab: the lab's tasks)")
+    compare.add_argument("--lm-eval-limit", type=int, metavar="N", help="only the first N examples of each lm-eval task")
+    compare.add_argument("--lm-eval-batch-size", default="8", metavar="B", help="lm-eval's batch size, or auto (default: 8)")
     inspect = commands.add_parser("inspect", parents=[quiet], help="coefficient statistics and heatmap of an artifact")
     inspect.add_argument("artifact")
     inspect.add_argument("--out", help="output dir (default: next to the artifact)")
@@ -106,9 +113,11 @@ def run_compare(args) -> None:
 
     from mergekit_dam.tools.compare import Suite, markdown, score, write_outputs
 
+    lab = None
     if args.lab:
         with open(os.path.join(args.lab, "lab.json"), encoding="utf-8") as handle:
-            suite = Suite.from_lab(json.load(handle))
+            lab = json.load(handle)
+        suite = Suite.from_lab(lab)
     else:
         suite = Suite(skills=_pairs(args.skill, "--skill"), experts=_pairs(args.expert, "--expert"), general=args.general, base=args.base)
         if not suite.skills:
@@ -117,10 +126,36 @@ def run_compare(args) -> None:
     for value in args.models:
         name, sep, path = value.partition("=")
         models[name if sep else os.path.basename(value.rstrip("/"))] = path if sep else value
+    lm_eval = lm_eval_runner(args, lab) if args.lm_eval else None
     results = score(models, suite)
+    if lm_eval:
+        for name, scores in lm_eval(models).items():
+            results[name]["lm_eval"] = scores
     outputs = write_outputs(results, args.out)
     print(markdown(results))
     print(f"\nJSON: {outputs['json']}\ntable: {outputs['table']}\nchart: {outputs['chart']}")
+
+
+def lm_eval_runner(args, lab):
+    """models -> lm-eval scores, for --lm-eval. Checks that lm-eval is installed and knows
+    every task now, before compare spends minutes on its own scoring."""
+    from functools import partial
+
+    from mergekit_dam.tools import harness
+
+    harness.require_lm_eval()
+    tasks = harness.task_names(args.lm_eval)
+    include = args.lm_eval_include or (lab_tasks(lab, args.lab) if lab else None)
+    return partial(harness.evaluate, tasks=tasks, manager=harness.task_manager(tasks, include),
+                   limit=args.lm_eval_limit, batch_size=args.lm_eval_batch_size)
+
+
+def lab_tasks(manifest: dict, lab_dir: str) -> str:
+    """The lab's lm-eval task folder, which labs built before there were tasks lack."""
+    if "lm_eval_tasks" not in manifest:
+        raise DamError(f"dam: the lab {lab_dir} has no lm-eval tasks; run `mergekit-dam lab build {lab_dir}` "
+                       "(it keeps the models and adds them)")
+    return manifest["lm_eval_tasks"]
 
 
 if __name__ == "__main__":

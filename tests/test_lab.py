@@ -1,9 +1,12 @@
 import json
 import os
+import shutil
 
+import pytest
 import torch
 from conftest import read_checkpoint
 
+from mergekit_dam.cli import main as cli
 from mergekit_dam.tools.lab import SKILLS, Recipe, build, skill_generators, split_of
 
 TINY = Recipe(hidden=16, layers=1, pretrain_steps=3, finetune_steps=3, batch=4, calibration=8, validation=4, held_out=4)
@@ -52,3 +55,22 @@ def test_a_relative_root_gives_absolute_paths(tmp_path, monkeypatch):
     manifest = build("lab", TINY, progress=False)
     assert manifest["base"] == str(tmp_path / "lab" / "base")
     assert all(os.path.isabs(path) for skill in manifest["skills"].values() for path in skill.values())
+
+
+def test_a_lab_built_before_it_had_lm_eval_tasks_gets_them_from_lab_build(tmp_path, capsys):
+    """Its models are kept; until then `compare --lm-eval` says what to run."""
+    build(str(tmp_path), TINY, progress=False)
+    manifest = json.loads((tmp_path / "lab.json").read_text())
+    tasks = manifest.pop("lm_eval_tasks")
+    (tmp_path / "lab.json").write_text(json.dumps(manifest))
+    shutil.rmtree(tasks)
+    stamp = (tmp_path / "base" / "model.safetensors").stat().st_mtime_ns
+    assert build(str(tmp_path), TINY, progress=False)["lm_eval_tasks"] == tasks
+    assert sorted(os.listdir(tasks)) == [f"dam_lab_{skill}.yaml" for skill in sorted(SKILLS)]
+    assert json.loads((tmp_path / "lab.json").read_text())["lm_eval_tasks"] == tasks
+    assert (tmp_path / "base" / "model.safetensors").stat().st_mtime_ns == stamp
+
+    pytest.importorskip("lm_eval")  # the message below comes after the check that lm-eval is installed
+    (tmp_path / "lab.json").write_text(json.dumps(manifest))
+    assert cli(["-q", "compare", "--lab", str(tmp_path), manifest["base"], "--lm-eval", "dam_lab"]) == 1
+    assert f"run `mergekit-dam lab build {tmp_path}`" in capsys.readouterr().err

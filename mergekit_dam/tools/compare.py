@@ -8,7 +8,8 @@ Per model and skill:
   skill's expert);
 and per model `general_nll` on general text (forgetting). With a base model and the
 experts, `retention` = share of each expert's gain over the base that a model keeps.
-Writes JSON, a markdown table and a PNG chart.
+`compare --lm-eval` adds `lm_eval`: {task: {metric: value}} from lm-evaluation-harness
+(harness.py). Writes JSON, a markdown table and a PNG chart.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -181,23 +182,39 @@ def add_retention(results: dict, models: Dict[str, str], suite: Suite) -> None:
             entry["retention"][skill] = gains
 
 
+def lm_eval_columns(results: dict) -> List[Tuple[str, str]]:
+    """(task, metric) of every lm-eval score, in the order of the first model's."""
+    first = next(iter(results.values()))
+    return [(task, metric) for task, metrics in first.get("lm_eval", {}).items() for metric in metrics]
+
+
+def lm_eval_label(task: str, metric: str, separator: str = " ") -> str:
+    """The task and the metric, with the filter only when there is one (lm-eval calls no filter `none`)."""
+    return f"{task}{separator}{metric.removesuffix(',none')}"
+
+
 def markdown(results: dict) -> str:
     first = next(iter(results.values()))
     skills = [k for k, v in first.items() if isinstance(v, dict) and "nll" in v]
-    header = "| model | " + " | ".join(f"{s} acc | {s} NLL | {s} KL" for s in skills) + " | general NLL |"
-    lines = [header, "|" + "---|" * (2 + 3 * len(skills))]
+    harness = lm_eval_columns(results)
+    header = ("| model | " + " | ".join(f"{s} acc | {s} NLL | {s} KL" for s in skills) + " | general NLL |"
+              + "".join(f" {lm_eval_label(task, metric)} |" for task, metric in harness))
+    lines = [header, "|" + "---|" * (2 + 3 * len(skills) + len(harness))]
     for name, entry in results.items():
         cells = []
         for skill in skills:
             m = entry[skill]
             cells += ["–" if m["accuracy"] is None else f"{m['accuracy']:.2f}", f"{m['nll']:.3f}", f"{m['kl']:.3f}" if "kl" in m else "–"]
         general = entry.get("general_nll")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'–' if general is None else f'{general:.3f}'} |")
+        cells.append("–" if general is None else f"{general:.3f}")
+        cells += [f"{entry['lm_eval'][task][metric]:.3f}" for task, metric in harness]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def chart(results: dict, path: str, highlight: Optional[List[str]] = None) -> str:
-    """Two panels: exact-match accuracy and KL to the skill's expert, per skill and model."""
+    """Exact-match accuracy and KL to the skill's expert, per skill and model, and a third
+    panel with the lm-eval scores when there are any."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,14 +222,19 @@ def chart(results: dict, path: str, highlight: Optional[List[str]] = None) -> st
 
     names = highlight or list(results)
     skills = [k for k, v in results[names[0]].items() if isinstance(v, dict) and "nll" in v]
-    figure, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    panels = [(label, skills, lambda name, metric=metric: [results[name][s].get(metric) or 0.0 for s in skills])
+              for metric, label in (("accuracy", "exact-match accuracy (higher is better)"), ("kl", "KL(expert || model) (lower is better)"))]
+    harness = lm_eval_columns(results)
+    if harness:
+        panels.append(("lm-eval scores", [lm_eval_label(task, metric, "\n") for task, metric in harness],
+                       lambda name: [results[name]["lm_eval"][task][metric] for task, metric in harness]))
+    figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8))
     width = 0.8 / len(names)
-    for panel, (metric, label) in zip(axes, (("accuracy", "exact-match accuracy (higher is better)"), ("kl", "KL(expert || model) (lower is better)"))):
+    for panel, (label, ticks, values_of) in zip(axes, panels):
         for index, name in enumerate(names):
-            values = [results[name][s].get(metric) or 0.0 for s in skills]
-            positions = [i + (index - (len(names) - 1) / 2) * width for i in range(len(skills))]
-            panel.bar(positions, values, width, label=name)
-        panel.set_xticks(range(len(skills)), skills)
+            positions = [i + (index - (len(names) - 1) / 2) * width for i in range(len(ticks))]
+            panel.bar(positions, values_of(name), width, label=name)
+        panel.set_xticks(range(len(ticks)), ticks, fontsize=8)
         panel.set_title(label)
         panel.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8, ncol=2)
