@@ -4,6 +4,7 @@ that read checkpoints and artifacts with plain safetensors (never the code under
 from __future__ import annotations
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -50,6 +51,29 @@ def expected_merge(models: Sequence[str], coefficients: Dict[str, torch.Tensor],
             total = total + (w * c if w.ndim else w * c[0])
         result[name] = total
     return result
+
+
+def artifact_rows(path) -> List[str]:
+    """The artifact's rows (input models, as the config wrote them), from its metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return json.loads(handle.metadata()["models"])
+
+
+def artifact_merge(path) -> Dict[str, torch.Tensor]:
+    """sum over the artifact's own rows of c_row * W_row, recomputed from the checkpoints
+    the rows name: the merge mergekit should have written, whatever the parametrization."""
+    rows = artifact_rows(path)
+    return expected_merge(rows, load_file(str(path)), rows)
+
+
+def linear_start(path, base: str) -> torch.Tensor:
+    """[rows, 1]: the linear average of the experts in the artifact's row layout: 1/N
+    each, or with task vectors (a base row) 1/N per expert and 0 for the base."""
+    rows = artifact_rows(path)
+    experts = [row for row in rows if row != base]
+    return torch.tensor([[0.0] if row == base else [1.0 / len(experts)] for row in rows])
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from conftest import lab_dam_config
+from conftest import lab_dam_config, linear_start
 from safetensors.torch import load_file
 
 from mergekit_dam.api import train as train_stage
@@ -84,13 +84,15 @@ def test_evaluation_interval(steps, eval_every, expected):
 
 
 def test_a_run_that_only_gets_worse_writes_the_linear_start_and_says_so(lab, tmp_path, caplog):
-    """The real stage with a learning rate far too high: keep-best writes 1/N exactly."""
+    """The real stage with a learning rate far too high: keep-best writes the start (the
+    linear average of the experts) exactly."""
     artifact = tmp_path / "c.safetensors"
     with caplog.at_level(logging.INFO, logger="mergekit_dam"):
         train_stage(lab_dam_config(lab, artifact, steps=6, lr=3.0, grad_clip=0, max_length=24, batch_size=4, samples=40))
     report = json.loads((tmp_path / "c.report.json").read_text())
     assert not report["validation"]["improved_on_start"], report["validation"]
     assert "training never improved on the starting coefficients' validation KL" in caplog.text
+    start = linear_start(artifact, lab["base"])
     for table in load_file(str(artifact)).values():
-        torch.testing.assert_close(table, torch.full_like(table, 1 / len(lab["experts"])))
+        torch.testing.assert_close(table, start.expand_as(table))
     assert (tmp_path / "c.safetensors.validation.png").stat().st_size > 1000

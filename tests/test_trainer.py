@@ -9,8 +9,11 @@ import shutil
 import pytest
 import torch
 from conftest import (
+    artifact_merge,
+    artifact_rows,
     expected_merge,
     lab_dam_config,
+    linear_start,
     read_checkpoint,
     small_lab,
     write_config,
@@ -61,8 +64,7 @@ def test_training_lowers_held_out_kl_and_the_merge_applies_it(lab, tmp_path):
     assert len(report["loss_curve"]) == 60 and report["device"] == "cpu" and report["peak_memory_bytes"] > 0
     coefficients = load_file(str(artifact))
     merged = read_checkpoint(str(tmp_path / "out"))
-    expected = expected_merge(lab["experts"], coefficients, lab["experts"])
-    for name, value in expected.items():
+    for name, value in artifact_merge(artifact).items():
         torch.testing.assert_close(merged[name].double(), value, atol=1e-5, rtol=1e-5)
     assert any(not torch.allclose(t, torch.full_like(t, 1 / N)) for t in coefficients.values())
 
@@ -122,17 +124,20 @@ def test_topk_teacher_and_effective_nonlinear_coefficients(lab, tmp_path):
     assert sum(report["final"].values()) < 0.8 * sum(report["step_0_linear_average"].values())
     assert source.artifact_path == str(tmp_path / "topk.safetensors")
     # sigmoid parametrisation with a vanishing lr: the artifact holds f(raw) = 1/N, not raw
+    # (and the base row of task vectors 1 - sum of them)
     train_stage(lab_config(lab, tmp_path / "sig.safetensors", nonlinearity="sigmoid", lr=1e-12, steps=2))
+    start = linear_start(tmp_path / "sig.safetensors", lab["base"])
     for table in load_file(str(tmp_path / "sig.safetensors")).values():
-        torch.testing.assert_close(table, torch.full_like(table, 1 / N))
+        torch.testing.assert_close(table, start.expand_as(table))
 
 
 def test_frozen_kinds_keep_equal_coefficients(lab, tmp_path):
     train_stage(lab_config(lab, tmp_path / "c.safetensors", train_norms=False, train_embeddings=False))
     tables = load_file(str(tmp_path / "c.safetensors"))
-    assert torch.equal(tables["model.norm.weight"], torch.full((N, 32), 1 / N))
-    assert torch.equal(tables["model.embed_tokens.weight"], torch.full((N, 32), 1 / N))
-    assert not torch.equal(tables["lm_head.weight"], torch.full((N, 32), 1 / N))
+    start = linear_start(tmp_path / "c.safetensors", lab["base"]).expand(-1, 32)
+    torch.testing.assert_close(tables["model.norm.weight"], start, rtol=0, atol=1e-7)
+    torch.testing.assert_close(tables["model.embed_tokens.weight"], start, rtol=0, atol=1e-7)
+    assert not torch.allclose(tables["lm_head.weight"], start)
 
 
 def test_include_base_and_chat_data(lab, tmp_path):
@@ -164,8 +169,7 @@ def test_tied_embedding_family_trains(families, tmp_path, mode, device):
     assert "lm_head.weight" not in tables and "model.layers.0.self_attn.q_proj.bias" in tables
     assert not torch.allclose(tables["model.embed_tokens.weight"], torch.full_like(tables["model.embed_tokens.weight"], 0.5))
     merged = read_checkpoint(str(tmp_path / "out"))
-    expected = expected_merge(experts[:2], tables, experts[:2])
-    for name, value in expected.items():
+    for name, value in artifact_merge(tmp_path / "c.safetensors").items():
         torch.testing.assert_close(merged[name].double(), value, atol=1e-5, rtol=1e-5)
 
 
@@ -283,7 +287,7 @@ def test_gpu_default_training_in_bfloat16_then_a_cuda_merge(lab, tmp_path, monke
     assert all(t.dtype == torch.float32 for t in coefficients.values())
 
     merged = read_checkpoint(str(tmp_path / "out"))
-    for name, value in expected_merge(lab["experts"], coefficients, lab["experts"]).items():
+    for name, value in artifact_merge(artifact).items():
         torch.testing.assert_close(merged[name].double(), value, atol=1e-5, rtol=1e-5)
 
     monkeypatch.setattr(stage, "_TRAINED", {})
@@ -293,12 +297,13 @@ def test_gpu_default_training_in_bfloat16_then_a_cuda_merge(lab, tmp_path, monke
     assert all(torch.equal(coefficients[n], again[n]) for n in coefficients)  # same config + seed, same device
 
 
-def test_task_vector_parametrization_trains_and_applies_with_a_base_row(lab, tmp_path):
+def test_with_a_base_the_default_trains_task_vectors_and_applies_them_with_a_base_row(lab, tmp_path):
     artifact = tmp_path / "c.safetensors"
-    merge(lab_config(lab, artifact, parametrization="task_vectors", steps=30), tmp_path / "out")
+    merge(lab_config(lab, artifact, steps=30), tmp_path / "out")  # parametrization: auto
     tables = load_file(str(artifact))
-    models = json.loads(__import__("safetensors").safe_open(str(artifact), "pt").metadata()["models"])
+    models = artifact_rows(artifact)
     assert models == lab["experts"] + [lab["base"]]
+    assert json.loads(__import__("safetensors").safe_open(str(artifact), "pt").metadata()["settings"])["parametrization"] == "task_vectors"
     for name, table in tables.items():  # the base's coefficient is 1 - the experts' sum, column by column
         torch.testing.assert_close(table[-1], 1 - table[:-1].sum(0), msg=name)
     report = json.loads((tmp_path / "c.report.json").read_text())["held_out_kl"]
@@ -316,6 +321,45 @@ def test_task_vector_start_is_the_linear_average_or_task_arithmetic(lab, tmp_pat
         for table in load_file(str(artifact)).values():
             torch.testing.assert_close(table[:-1], torch.full_like(table[:-1], expert))
             torch.testing.assert_close(table[-1], torch.full_like(table[-1], base))
+
+
+def test_artifacts_trained_with_weights_keep_their_meaning_under_the_default(lab, tmp_path, caplog, monkeypatch):
+    """Before `auto`, a config with a base trained `weights` (no base row). The same
+    config under the default reuses such an artifact instead of retraining, an apply-only
+    config applies it, and `retrain: true` takes the new default."""
+    artifact = tmp_path / "c.safetensors"
+    train_stage(lab_config(lab, artifact, parametrization="weights"))
+    assert artifact_rows(artifact) == lab["experts"]
+    trained = load_file(str(artifact))
+    monkeypatch.setattr(stage, "_TRAINED", {})  # as a later run: the artifact on disk decides
+    with caplog.at_level(logging.INFO, logger="mergekit_dam"):
+        merge(lab_config(lab, artifact), tmp_path / "reused")
+    assert "reusing coefficients" in caplog.text
+    merge(lab_config(lab, artifact, data=False), tmp_path / "applied")
+    for out in ("reused", "applied"):
+        merged = read_checkpoint(str(tmp_path / out))
+        for name, value in expected_merge(lab["experts"], trained, lab["experts"]).items():
+            torch.testing.assert_close(merged[name].double(), value, atol=1e-5, rtol=1e-5)
+    train_stage(lab_config(lab, artifact, retrain=True, steps=2))
+    assert artifact_rows(artifact) == lab["experts"] + [lab["base"]]
+
+
+def test_without_data_the_default_is_the_linear_average_and_task_vectors_give_task_arithmetic(lab, tmp_path):
+    experts = [read_checkpoint(e) for e in lab["experts"]]
+    base = read_checkpoint(lab["base"])
+    merge(lab_dam_config(lab, "", data=False), tmp_path / "average")
+    merge(lab_dam_config(lab, "", data=False, parametrization="task_vectors", init_weight=0.3), tmp_path / "arithmetic")
+    average, arithmetic = read_checkpoint(str(tmp_path / "average")), read_checkpoint(str(tmp_path / "arithmetic"))
+    for name in base:
+        torch.testing.assert_close(average[name].double(), sum(e[name].double() for e in experts) / N, atol=1e-6, rtol=1e-6)
+        vectors = sum(e[name].double() - base[name].double() for e in experts)
+        torch.testing.assert_close(arithmetic[name].double(), base[name].double() + 0.3 * vectors, atol=1e-5, rtol=1e-5)
+
+
+def test_init_weight_without_a_base_is_one_line(lab, tmp_path):
+    config = lab_config(lab, tmp_path / "c.safetensors", init_weight=0.5)
+    del config["base_model"]
+    _reject(config, tmp_path, "`init_weight` starts task vectors, which need a `base_model:`")
 
 
 def test_task_vectors_need_a_base_model(lab, tmp_path):
@@ -387,7 +431,7 @@ def test_coarser_granularity_trains_broadcast_tables_that_apply_exactly(lab, tmp
         assert len(layer0) > 3 and all(torch.equal(v, layer0[0]) for v in layer0)
         assert not torch.equal(layer0[0], tables["model.layers.1.mlp.up_proj.weight"][:, 0])
     merged = read_checkpoint(str(tmp_path / "out"))
-    for name, value in expected_merge(lab["experts"], tables, lab["experts"]).items():
+    for name, value in artifact_merge(artifact).items():
         torch.testing.assert_close(merged[name].double(), value, atol=1e-5, rtol=1e-5)
 
 

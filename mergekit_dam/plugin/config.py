@@ -100,10 +100,12 @@ class DamSettings(BaseModel):
         "what one coefficient covers: `column` (one per input column of each tensor, the paper's DAM), `tensor` (one "
         "per model per tensor) or `layer` (one per model per decoder layer, AdaMerging-style; the embedding and the "
         "head are one group each): fewer parameters for small data. The artifact stays [N, D] (broadcast values)"))
-    parametrization: Literal["weights", "task_vectors"] = Field("weights", description=(
+    parametrization: Literal["auto", "weights", "task_vectors"] = Field("auto", description=(
         "`weights`: merged W = Σ cᵢ ⊙ Wᵢ (the paper's DAM); `task_vectors`: merged W = W_base + Σ cᵢ ⊙ (Wᵢ − W_base), "
         "the base's row being 1 − Σ cᵢ, so that coefficients trade experts against the base rather than rescale a "
-        "shared part (needs `base_model`; the artifact gets a base row)"))
+        "shared part (needs `base_model`; the artifact gets a base row); `auto`: `task_vectors` when training with a "
+        "`base_model`, else `weights`; an existing `coefficients` file (without `retrain`) keeps the parametrization "
+        "it was trained with"))
     init_weight: Optional[float] = Field(None, description=(
         "start of every expert's coefficient with `parametrization: task_vectors`: unset = 1/N (the linear average of "
         "the experts); λ = task arithmetic with weight λ"))
@@ -145,7 +147,9 @@ class DamSettings(BaseModel):
 
     @property
     def base_row(self) -> bool:
-        """Whether the base model gets a row of coefficients."""
+        """Whether the base model gets a row of coefficients (`parametrization` resolved: stage.resolve_parametrization)."""
+        if self.parametrization == "auto":
+            raise RuntimeError("parametrization: auto must be resolved against the merge first")
         return self.include_base or self.parametrization == "task_vectors"
 
     @field_validator("recompute", mode="before")
@@ -157,7 +161,7 @@ class DamSettings(BaseModel):
     def _compatible(self):
         if self.init_weight is not None and self.init_from:
             raise ValueError("init_weight and init_from are two starts; keep one")
-        if self.init_weight is not None and self.parametrization != "task_vectors":
+        if self.init_weight is not None and self.parametrization == "weights":
             raise ValueError("init_weight applies to parametrization: task_vectors; drop it or set the parametrization")
         if self.teacher == "topk" and self.mse_weight:
             raise ValueError("mse_weight needs full expert logits: use teacher: online")

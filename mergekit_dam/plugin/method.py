@@ -54,6 +54,17 @@ def _spec() -> MergeMethodSpec:
     )
 
 
+def equal_coefficients(settings: DamSettings, names: Sequence[str], base: str) -> torch.Tensor:
+    """[rows, 1] coefficients where nothing was trained: training's start. With weights,
+    1/N each (the linear average); with task vectors, each expert `init_weight` (unset:
+    1/N of the experts, the same average) and the base 1 − Σ, i.e. task arithmetic."""
+    if settings.parametrization != "task_vectors":
+        return torch.full((len(names), 1), 1.0 / len(names))
+    experts = len(names) - 1
+    weight = settings.init_weight if settings.init_weight is not None else 1.0 / experts
+    return torch.tensor([[1.0 - experts * weight] if name == base else [weight] for name in names])
+
+
 class DamMerge(GroupMergeMethod):
     def __init__(self):
         self.spec = _spec()
@@ -67,8 +78,9 @@ class DamMerge(GroupMergeMethod):
             self.prepared[planner] = stage.prepare(host.merge_context(planner))
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
-        settings = DamSettings(**{name: parameters[name] for name in SHARED_NAMES})
         base = group.base.id if group.base is not None else None
+        trains = any(parameters["dataset"].values())
+        settings = stage.resolve_parametrization(DamSettings(**{name: parameters[name] for name in SHARED_NAMES}), base, trains)
         rows = merge_rows([entry.id for entry in group.entries], base, settings.base_row)
         names = [str(model) for model in rows]
         source = stage.source_for(settings, names)
@@ -78,7 +90,7 @@ class DamMerge(GroupMergeMethod):
                     "dam: datasets given but no coefficients: training runs only from a mergekit config "
                     "(mergekit-yaml or mergekit.merge.run_merge); pass `coefficients` for this API"
                 )
-            coefficients = torch.full((len(rows), 1), 1.0 / len(rows))
+            coefficients = equal_coefficients(settings, names, str(base))
         else:
             artifact = open_artifact(source.artifact_path)
             name = group.metadata.name

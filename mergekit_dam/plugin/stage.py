@@ -312,13 +312,42 @@ def decide(context: MergeContext, dam, inventory: Inventory) -> CoefficientSourc
     return CoefficientSource(rows, None)
 
 
+def resolve_parametrization(settings: DamSettings, base: Optional[object], trains: bool) -> DamSettings:
+    """`parametrization: auto` made concrete for one merge; the same answer in the stage
+    and in every kernel call, since it reads only the config and the artifact on disk.
+    An existing artifact that will not be retrained keeps the parametrization it was
+    trained with (its provenance; a file without one: a base row means task vectors), so
+    that artifacts written before `auto` apply and reuse as they did. Otherwise task
+    vectors when there is a base and something to train, else weights: equal
+    coefficients stay the experts' linear average."""
+    if settings.parametrization != "auto":
+        choice = settings.parametrization
+    elif base is None:
+        choice = "weights"
+    else:
+        path = resolve_path(settings.coefficients) if settings.coefficients else None
+        if path and os.path.exists(path) and not settings.retrain:
+            artifact = open_artifact(path)
+            trained_with = (artifact.provenance("settings") or {}).get("parametrization")
+            rows_say = "task_vectors" if str(base) in artifact.models and not settings.include_base else "weights"
+            choice = trained_with if trained_with in ("weights", "task_vectors") else rows_say
+        else:
+            choice = "task_vectors" if trains else "weights"
+    if choice == "task_vectors" and base is None:
+        raise DamError("dam: `parametrization: task_vectors` merges task vectors W_i - W_base and needs a `base_model:`; "
+                       "set one or use parametrization: weights")
+    if choice == "weights" and settings.init_weight is not None:
+        raise DamError("dam: `init_weight` starts task vectors, which need a `base_model:` and something to train; "
+                       "set both or drop init_weight")
+    return settings.model_copy(update={"parametrization": choice})
+
+
 def prepare(context: MergeContext) -> CoefficientSource:
     """Run the pre-merge stage of one mergekit merge (its config already normalised)."""
     dam = check_merge_config(context.config)
+    trains = any(model.dataset for model in dam.models.values())
+    dam = dam.model_copy(update={"settings": resolve_parametrization(dam.settings, context.config.base_model, trains)})
     with _LOCK:
-        if dam.settings.parametrization == "task_vectors" and not context.config.base_model:
-            raise DamError("dam: `parametrization: task_vectors` merges task vectors W_i - W_base and needs a `base_model:`; "
-                           "set one or use parametrization: weights")
         inventory = plan_inventory(context, dam.settings.base_row)
         source = decide(context, dam, inventory)
         _PREPARED[_key(dam.settings, source.rows)] = source

@@ -11,6 +11,7 @@ retention of the experts' gains, and where the chart is.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -70,11 +71,15 @@ def _mergekit_yaml(config: dict, config_path: str, out: str, quiet: bool) -> flo
     return time.perf_counter() - start
 
 
-def check_dam_output(merged_dir: str, experts, artifact: str) -> float:
-    """max |merged - sum_i c_i * W_i| over all tensors, from the raw files."""
+def check_dam_output(merged_dir: str, artifact: str) -> float:
+    """max |merged - sum_r c_r * W_r| over all tensors, from the raw files; the rows r are
+    the models the artifact lists (the experts, and the base with task vectors)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    merged, inputs = _tensors(merged_dir), [_tensors(m) for m in experts]
+    with safe_open(artifact, "pt") as handle:
+        rows = json.loads(handle.metadata()["models"])
+    merged, inputs = _tensors(merged_dir), [_tensors(m) for m in rows]
     return max(
         (merged[name].double() - sum(w[name].double() * c.double() for w, c in zip(inputs, table))).abs().max().item()
         for name, table in load_file(artifact).items()
@@ -90,8 +95,7 @@ def run_demo(workdir: str, quiet: bool = False, recipe=None) -> Dict[str, object
     seconds = {}
     for name, config in merge_configs(manifest, artifact).items():
         seconds[name] = _mergekit_yaml(config, os.path.join(workdir, f"{name}.yml"), os.path.join(workdir, f"merged-{name}"), quiet)
-    experts = [manifest["skills"][s]["expert"] for s in SKILLS]
-    worst = check_dam_output(os.path.join(workdir, "merged-dam"), experts, artifact)
+    worst = check_dam_output(os.path.join(workdir, "merged-dam"), artifact)
 
     models = {"base": manifest["base"], **{f"expert:{s}": manifest["skills"][s]["expert"] for s in SKILLS},
               **{name: os.path.join(workdir, f"merged-{name}") for name in seconds}}
