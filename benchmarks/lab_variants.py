@@ -6,7 +6,8 @@
         --variant weights:parametrization=weights --variant task_vectors:parametrization=task_vectors
 
 A variant is NAME:key=value[,key=value...]: DAM settings (values read as YAML) over the
-demo's (demo.DAM_LAB_SETTINGS, chosen for end-to-end on the validation split). Each merge
+demo's (demo.DAM_LAB_SETTINGS), or over the package defaults when its first item is the
+word `defaults` (NAME:defaults,key=value...). Each merge
 runs in its own `mergekit-yaml` process, so the training report's peak RSS is that
 variant's own. Prints per-skill exact match, KL to the skill's expert and NLL retention,
 training time and peak memory, and what distinguishes the experts in the coefficients
@@ -27,7 +28,10 @@ from mergekit_dam.tools.lab import SKILLS, build
 
 def variant(text: str) -> tuple:
     name, _, settings = text.partition(":")
-    return name, {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in settings.split(",") if item)}
+    items = [item for item in settings.split(",") if item]
+    over_defaults = bool(items) and items[0] == "defaults"
+    values = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items[over_defaults:])}
+    return name, ({"defaults": True} if over_defaults else {}) | values
 
 
 def distinctness(artifact: str) -> dict:
@@ -52,7 +56,9 @@ def main():
     for name, settings in args.variant:
         artifact = os.path.join(args.out, f"{name}.safetensors")
         config = merge_configs(manifest, artifact)["dam"]
-        config["parameters"] = {**config["parameters"], **settings, "retrain": True}
+        settings = dict(settings)
+        start = {"coefficients": artifact} if settings.pop("defaults", False) else config["parameters"]
+        config["parameters"] = {**start, **settings, "retrain": True}
         models[f"dam:{name}"] = os.path.join(args.out, f"merged-{name}")
         _mergekit_yaml(config, os.path.join(args.out, f"{name}.yml"), models[f"dam:{name}"], quiet=True)
         with open(os.path.join(args.out, f"{name}.report.json")) as handle:

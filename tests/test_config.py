@@ -24,11 +24,18 @@ def normalised(config: dict) -> MergeConfiguration:
     return MergeConfiguration.model_validate({"merge_method": "dam", **config})
 
 
-def test_defaults_follow_the_reference():
+def test_defaults_follow_the_reference_where_they_need_no_tuning():
     settings = DamSettings()
-    assert (settings.lr, settings.temperature, settings.similarity_weight, settings.grad_clip) == (1e-3, 2.0, 0.01, 1.0)
+    assert (settings.temperature, settings.similarity_weight, settings.grad_clip) == (2.0, 0.01, 1.0)
+    assert (settings.lr, settings.batch_size, settings.min_steps, settings.parametrization) == ("auto", "auto", 400, "auto")
     assert (settings.l1_weight, settings.l2_weight, settings.topk, settings.max_length) == (0.0, 0.0, 128, 2048)
     assert settings.train_embeddings and settings.train_norms and not settings.include_base
+
+
+@pytest.mark.parametrize("name, value", [("lr", 0), ("lr", -1e-3), ("lr", "fast"), ("batch_size", 0), ("batch_size", 1.5), ("batch_size", "big")])
+def test_lr_and_batch_size_are_positive_numbers_or_auto(name, value):
+    with pytest.raises(DamError, match=f"invalid value for `{name}`"):
+        parse_settings({name: value})
 
 
 def test_yaml_scientific_notation_strings_are_numbers():
@@ -131,5 +138,5 @@ def test_settings_table_rows():
     table = settings_table(DamSettings).split("\n")
     assert table[:2] == ["| name | default | description |", "|---|---|---|"]
     assert "| `steps` | unset | optimizer steps" in "\n".join(table)
-    assert "| `retrain` | `false` | " in "\n".join(table) and "| `lr` | `0.001` | " in "\n".join(table)
+    assert "| `retrain` | `false` | " in "\n".join(table) and "| `lr` | `auto` | " in "\n".join(table)
     assert settings_table(ModelSettings).split("\n")[2].startswith('| `dataset` | `""` | ')

@@ -67,11 +67,11 @@ def test_schedules():
 def test_time_based_checkpoints():
     param = torch.nn.Parameter(torch.zeros(1))
     saved = []
-    fit(Stage([param], 4, quadratic(param, [1.0])), DamSettings(checkpoint_minutes=1e-9), Bar(),
+    fit(Stage([param], 4, quadratic(param, [1.0])), DamSettings(lr=0.1, checkpoint_minutes=1e-9), Bar(),
         save=lambda step, optimizer, history: saved.append(step))
     assert saved == [1, 2, 3]  # due after every step here; never after the last
     saved.clear()
-    fit(Stage([param], 4, quadratic(param, [1.0])), DamSettings(checkpoint_minutes=0), Bar(),
+    fit(Stage([param], 4, quadratic(param, [1.0])), DamSettings(lr=0.1, checkpoint_minutes=0), Bar(),
         save=lambda step, optimizer, history: saved.append(step))
     assert saved == []
 

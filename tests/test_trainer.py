@@ -356,6 +356,25 @@ def test_without_data_the_default_is_the_linear_average_and_task_vectors_give_ta
         torch.testing.assert_close(arithmetic[name].double(), base[name].double() + 0.3 * vectors, atol=1e-5, rtol=1e-5)
 
 
+def test_lr_auto_probes_the_grid_from_the_start_and_trains_as_the_chosen_rate_would(lab, tmp_path, caplog):
+    from mergekit_dam.training.lr_probe import CANDIDATES
+
+    auto = tmp_path / "auto.safetensors"
+    with caplog.at_level(logging.INFO, logger="mergekit_dam"):
+        train_stage(lab_config(lab, auto, lr="auto", steps=20))
+    report = json.loads((tmp_path / "auto.report.json").read_text())
+    probe = report["lr_probe"]
+    assert [float(rate) for rate in probe] == list(CANDIDATES)
+    scored = {float(rate): kl for rate, kl in probe.items() if kl is not None}
+    assert report["lr"] == min(scored, key=scored.get) and len(set(scored.values())) > 1
+    assert f"lr: auto chose {report['lr']:g}" in caplog.text
+    # the probe put the coefficients back: the run is the one an explicit lr gives
+    chosen = tmp_path / "chosen.safetensors"
+    train_stage(lab_config(lab, chosen, lr=report["lr"], steps=20))
+    a, b = load_file(str(auto)), load_file(str(chosen))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
 def test_init_weight_without_a_base_is_one_line(lab, tmp_path):
     config = lab_config(lab, tmp_path / "c.safetensors", init_weight=0.5)
     del config["base_model"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Tuple, Union
 
 from pydantic import (
     BaseModel,
@@ -57,8 +57,12 @@ class DamSettings(BaseModel):
     # Data and length of training (defaults follow the reference implementation).
     seed: int = Field(42, description="training seed: the shuffle of each dataset, the batch order, torch's RNG")
     steps: Optional[int] = Field(None, ge=1, description=(
-        "optimizer steps (≥ 1; per stage with `mode: layerwise`); unset: `epochs` passes over the data"))
+        "optimizer steps (≥ 1; per stage with `mode: layerwise`); unset: `epochs` passes over the data, at least "
+        "`min_steps`"))
     epochs: float = Field(1.0, gt=0, description="passes over the data when `steps` is unset (fractions allowed)")
+    min_steps: int = Field(400, ge=1, description=(
+        "with `steps` unset, at least this many optimizer steps: a small calibration set is passed over several "
+        "times (keep-best writes the best step seen)"))
     samples: int = Field(1700, ge=1, description="examples taken from each dataset")
     max_length: int = Field(2048, ge=2, description="tokens per example (longer examples are truncated)")
     loss_on: Literal["answer", "all"] = Field("answer", description=(
@@ -74,13 +78,18 @@ class DamSettings(BaseModel):
     max_minutes: Optional[float] = Field(None, gt=0, description=(
         "stop training after this many minutes, keeping the best coefficients so far (a budget: results then depend "
         "on the machine's speed)"))
-    batch_size: int = Field(1, ge=1, description="sequences per expert per micro-batch")
+    batch_size: Union[int, Literal["auto"]] = Field("auto", description=(
+        "sequences per expert per micro-batch; `auto`: about 512 tokens per expert (the training examples' mean "
+        "length decides, at least 1 and at most 64): 1 for 2048-token records, as the reference, more for short ones"))
     grad_accum: int = Field(1, ge=1, description=(
         "micro-batches per optimizer step (gradient accumulation); with `processes` > 1 a multiple of the number "
         "of processes"))
 
     # The optimizer: AdamW on float32 coefficients.
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the float32 coefficients")
+    lr: Union[float, Literal["auto"]] = Field("auto", description=(
+        "AdamW learning rate of the float32 coefficients; `auto`: before training, a few steps at each of 1e-3, 3e-3, "
+        "1e-2, 3e-2 and 0.1 from the same start, and the rate with the lowest validation KL is used (logged; "
+        "`mode: layerwise` has no validation KL and uses 1e-2)"))
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     warmup_steps: int = Field(0, ge=0, description="steps of linear learning-rate warmup")
     schedule: Literal["constant", "linear", "cosine"] = Field("constant", description=(
@@ -151,6 +160,20 @@ class DamSettings(BaseModel):
         if self.parametrization == "auto":
             raise RuntimeError("parametrization: auto must be resolved against the merge first")
         return self.include_base or self.parametrization == "task_vectors"
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_lr(cls, value):
+        if value != "auto" and not value > 0:
+            raise ValueError("lr must be > 0 or `auto`")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, value):
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError("batch_size must be an integer ≥ 1 or `auto`")
+        return value
 
     @field_validator("recompute", mode="before")
     @classmethod
@@ -260,11 +283,13 @@ def update_readme_tables(path: str) -> None:
 
 
 def _first_error(error: ValidationError, where: str) -> DamError:
-    first = error.errors()[0]
-    name = ".".join(str(part) for part in first["loc"])
-    if not name:
+    errors = error.errors()
+    first = errors[0]
+    if not first["loc"]:
         return DamError(f"dam: invalid settings in {where}: {first['msg'].removeprefix('Value error, ')}")
-    return DamError(f"dam: invalid value for `{name}` in {where}: {first['msg']} (got {first.get('input')!r})")
+    name = str(first["loc"][0])  # settings are flat; a longer loc names the branches of a union (a number or `auto`)
+    messages = dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errors if e["loc"] and str(e["loc"][0]) == name)
+    return DamError(f"dam: invalid value for `{name}` in {where}: {'; or '.join(messages)} (got {first.get('input')!r})")
 
 
 def parse_settings(values: Mapping[str, Any], where: str = "parameters") -> DamSettings:

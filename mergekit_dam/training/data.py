@@ -207,6 +207,8 @@ def collate(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = False)
 # --- what training reads: each expert's split, batches, and their order ---------------
 
 HELD_OUT_MAX = 32  # sequences per expert kept aside for the report's held-out KL
+TOKENS_PER_EXPERT = 512  # `batch_size: auto`: tokens per expert per micro-batch
+AUTO_BATCH_MAX = 64
 
 
 @dataclass
@@ -260,9 +262,19 @@ class ExpertData:
                 for i in self.experts}
 
     def steps(self, settings) -> int:
-        """`steps`, or `epochs` passes over the largest expert's training set."""
+        """`steps`, or `epochs` passes over the largest expert's training set, at least `min_steps`."""
         steps_per_epoch = math.ceil(max(len(s) for s in self.train.values()) / settings.batch_size / settings.grad_accum)
-        return settings.steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
+        return settings.steps or max(settings.min_steps, math.ceil(settings.epochs * steps_per_epoch))
+
+    def resolve(self, settings):
+        """`settings` with `batch_size: auto` made concrete: sequences per expert for about
+        TOKENS_PER_EXPERT tokens per micro-batch, from the training examples' mean length."""
+        if settings.batch_size != "auto":
+            return settings
+        lengths = [len(example) for examples in self.train.values() for example in examples]
+        size = max(1, min(AUTO_BATCH_MAX, round(TOKENS_PER_EXPERT * len(lengths) / max(1, sum(lengths)))))
+        LOG.info("dam: batch_size: auto is %d (training examples of %.0f tokens on average)", size, sum(lengths) / max(1, len(lengths)))
+        return settings.model_copy(update={"batch_size": size})
 
 
 def prepare_data(job) -> ExpertData:
@@ -274,7 +286,8 @@ def prepare_data(job) -> ExpertData:
     positions = getattr(job.out_config, "max_position_embeddings", None)
     max_length = settings.max_length
     if positions and max_length > positions:  # longer inputs would be positions the model never saw
-        LOG.warning("dam: max_length %d exceeds the model's max_position_embeddings %d; examples are cut at %d",
+        log = LOG.warning if "max_length" in settings.model_fields_set else LOG.info  # the default is for 7B models
+        log("dam: max_length %d exceeds the model's max_position_embeddings %d; examples are cut at %d",
                     max_length, positions, positions)
         max_length = positions
     pad_id = job.tokenizer.pad_token_id if job.tokenizer.pad_token_id is not None else (job.tokenizer.eos_token_id or 0)

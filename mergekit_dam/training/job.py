@@ -46,6 +46,8 @@ class TrainingReport:
     stages: int = 1
     estimate: Optional[dict] = None  # the pre-training estimate (end-to-end mode)
     validation: Optional[dict] = None  # selection.KeepBest.report(): the curve and the kept step (end-to-end mode)
+    lr: Optional[float] = None  # the learning rate used (`lr: auto`'s choice)
+    lr_probe: Optional[Dict[str, float]] = None  # `lr: auto`: validation KL after the probe, per candidate rate
 
     def to_dict(self) -> dict:
         return {name: value for name, value in asdict(self).items() if value is not None}

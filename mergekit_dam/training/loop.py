@@ -173,10 +173,14 @@ def _accumulate(stage: Stage, settings: DamSettings, step: int, ranks, flags: tu
     return float(sums[0]) / settings.grad_accum, int(sums[1]), kls, tuple(bool(value > 0) for value in sums[2 + len(names) :])
 
 
+class NonFiniteLoss(DamError):
+    """The training loss became inf or nan."""
+
+
 def _check_finite(loss: float, step: int, stage: Optional[str], settings: DamSettings) -> None:
     if not math.isfinite(loss):
         where = f" of stage {stage}" if stage else ""
-        raise DamError(
+        raise NonFiniteLoss(
             f"dam: the training loss became {loss} at step {step + 1}{where}; lower `lr` "
             f"(now {settings.lr}) or `temperature`, or check the data"
         )

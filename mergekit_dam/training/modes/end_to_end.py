@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import List, Sequence
 
 from tqdm.auto import tqdm
@@ -37,6 +38,7 @@ from mergekit_dam.training.evaluate import held_out_kl
 from mergekit_dam.training.experts import build_view
 from mergekit_dam.training.job import TrainingJob, TrainingReport, TrainingResult
 from mergekit_dam.training.loop import Stage, fit
+from mergekit_dam.training.lr_probe import choose_lr, probe_steps
 from mergekit_dam.training.selection import (
     KeepBest,
     evaluation_interval,
@@ -54,6 +56,8 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     device = ranks.device if ranks else resolve_device(settings.train_device)
     dtype, started = start_run(settings, device)
     data = prepare_data(job)
+    job = replace(job, settings=data.resolve(settings))
+    settings = job.settings
     view = build_view(job, device, dtype, ranks)
     raw = view.raw_parameters()
     steps = data.steps(settings)
@@ -78,6 +82,12 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
         loss, kls = micro_batch_loss(view, data.experts, batch, teacher, settings, device)
         return loss, batch.mask.sum(), {job.rows[i]: kl for i, kl in kls.items()}
 
+    probe = None
+    if settings.lr == "auto":
+        chosen, probe = choose_lr(Stage(list(raw.values()), probe_steps(steps), micro_batch), settings, kl_on("validation"),
+                                  ranks=ranks, quiet=job.quiet or not distributed.is_main())
+        settings = settings.model_copy(update={"lr": chosen})
+
     clock = [time.perf_counter()]
 
     def begin(optimizer):
@@ -100,7 +110,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
         seconds=time.perf_counter() - started, tokens_per_second=_tokens_per_second(history[checkpoints.first_step:], clock[0]),
         peak_memory_bytes=peak_memory(device), trainable_coefficients=sum(p.numel() for p in raw.values()),
         held_out_kl={"step_0_linear_average": kl_start, "final": kl_end}, loss_curve=_curve(history), estimate=plan,
-        validation=select.report(),
+        validation=select.report(), lr=settings.lr, lr_probe=probe,
     )
     checkpoints.remove()
     LOG.info("dam: trained in %.1f s; held-out KL per expert, linear average -> DAM: %s", report.seconds,

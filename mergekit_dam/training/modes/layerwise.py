@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -69,7 +69,14 @@ def relative_error(student: torch.Tensor, target: torch.Tensor, mask: torch.Tens
     return error / scale
 
 
+# `lr: auto` here: layer-wise stages have no validation KL to probe against
+AUTO_LR = 1e-2
+
+
 def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
+    if job.settings.lr == "auto":
+        job = replace(job, settings=job.settings.model_copy(update={"lr": AUTO_LR}))
+        LOG.info("dam: lr: auto is %g in layer-wise mode (no validation KL to probe against)", AUTO_LR)
     settings = job.settings
     if distributed.world_size() > 1:
         raise DamError("dam: mode: layerwise runs in one process; launch it without torchrun, or use mode: end_to_end")
@@ -91,7 +98,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
         peak_memory_bytes=peak_memory(device),
         trainable_coefficients=sum(t.numel() for name, t in run.tables.items() if name in run.view.trained_names),
         held_out_kl={"step_0_linear_average": kl_start, "final": kl_end},
-        loss_curve=[{k: entry[k] for k in ("stage", "step", "loss", "kl")} for entry in run.history],
+        loss_curve=[{k: entry[k] for k in ("stage", "step", "loss", "kl")} for entry in run.history], lr=settings.lr,
     )
     LOG.info("dam: trained layer-wise in %.1f s; held-out KL per expert, linear average -> DAM: %s", report.seconds,
              {row: f"{kl_start[row]:.4f} -> {kl_end[row]:.4f}" for row in kl_end})
@@ -103,8 +110,9 @@ class LayerwiseRun:
     chunks and held-out checks with their hidden-state caches, the tables learned so far."""
 
     def __init__(self, job: TrainingJob, device: torch.device, dtype: torch.dtype):
-        self.job, self.settings, self.device = job, job.settings, device
         data = prepare_data(job)
+        self.job = job = replace(job, settings=data.resolve(job.settings))
+        self.settings, self.device = job.settings, device
         self.experts, self.steps = data.experts, data.steps(self.settings)
 
         def chunks(split: str) -> Dict[int, List[Chunk]]:
