@@ -79,7 +79,7 @@ class DamSettings(BaseModel):
         "stop training after this many minutes, keeping the best coefficients so far (a budget: results then depend "
         "on the machine's speed)"))
     batch_size: Union[int, Literal["auto"]] = Field("auto", description=(
-        "sequences per expert per micro-batch; `auto`: about 512 tokens per expert (the training examples' mean "
+        "sequences per expert per micro-batch; `auto`: about 256 tokens per expert (the training examples' mean "
         "length decides, at least 1 and at most 64): 1 for 2048-token records, as the reference, more for short ones"))
     grad_accum: int = Field(1, ge=1, description=(
         "micro-batches per optimizer step (gradient accumulation); with `processes` > 1 a multiple of the number "

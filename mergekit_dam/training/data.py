@@ -207,7 +207,7 @@ def collate(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = False)
 # --- what training reads: each expert's split, batches, and their order ---------------
 
 HELD_OUT_MAX = 32  # sequences per expert kept aside for the report's held-out KL
-TOKENS_PER_EXPERT = 512  # `batch_size: auto`: tokens per expert per micro-batch
+TOKENS_PER_EXPERT = 256  # `batch_size: auto`: tokens per expert per micro-batch
 AUTO_BATCH_MAX = 64
 
 
