@@ -368,11 +368,16 @@ def test_lr_auto_probes_the_grid_from_the_start_and_trains_as_the_chosen_rate_wo
     scored = {float(rate): kl for rate, kl in probe.items() if kl is not None}
     assert report["lr"] == min(scored, key=scored.get) and len(set(scored.values())) > 1
     assert f"lr: auto chose {report['lr']:g}" in caplog.text
+
     # the probe put the coefficients back: the run is the one an explicit lr gives
     chosen = tmp_path / "chosen.safetensors"
     train_stage(lab_config(lab, chosen, lr=report["lr"], steps=20))
     a, b = load_file(str(auto)), load_file(str(chosen))
     assert all(torch.equal(a[name], b[name]) for name in a)
+    chosen_report = json.loads((tmp_path / "chosen.report.json").read_text())
+    probe_steps = 5 * 5  # five rates, 5 steps each for a 20-step run
+    per_step = chosen_report["tokens"] / 20
+    assert report["tokens"] - chosen_report["tokens"] == pytest.approx(probe_steps * per_step, rel=0.35)
 
 
 def test_init_weight_without_a_base_is_one_line(lab, tmp_path):

@@ -30,17 +30,19 @@ def probe_steps(steps: int) -> int:
     return max(5, min(25, steps // 10))
 
 
-def choose_lr(stage: Stage, settings, validate: Callable[[], Dict[str, float]], *, ranks=None, quiet: bool = False) -> Tuple[float, Dict[str, Optional[float]]]:
+def choose_lr(stage: Stage, settings, validate: Callable[[], Dict[str, float]], *, ranks=None,
+              quiet: bool = False) -> Tuple[float, Dict[str, Optional[float]], int]:
     """Run `stage.steps` steps at each candidate rate from the current coefficients (put
     back after each), score validate() (KL per expert row); (the best rate, the mean
-    validation KL per rate)."""
+    validation KL per rate, the tokens the probe trained on)."""
     start = [p.detach().clone() for p in stage.params]
     probe = settings.model_copy(update={"warmup_steps": 0, "schedule": "constant", "checkpoint_minutes": 0, "checkpoint_every": 0})
-    scores = {}
+    scores, tokens = {}, 0
     with tqdm(total=len(CANDIDATES) * stage.steps, desc="DAM lr probe", disable=quiet) as progress:
         for lr in CANDIDATES:
             try:
-                fit(stage, probe.model_copy(update={"lr": lr}), progress, ranks=ranks)
+                history = fit(stage, probe.model_copy(update={"lr": lr}), progress, ranks=ranks)
+                tokens += sum(entry["tokens"] for entry in history)
                 kl = validate()
                 mean = sum(kl.values()) / max(1, len(kl))
             except NonFiniteLoss:  # this rate diverges
@@ -52,4 +54,4 @@ def choose_lr(stage: Stage, settings, validate: Callable[[], Dict[str, float]], 
     best = min(CANDIDATES, key=lambda lr: scores[lr])  # ties: the smaller rate (the grid is ascending)
     LOG.info("dam: lr: auto chose %g after %d probe steps per rate (validation KL %s)", best, stage.steps,
              ", ".join(f"{lr:g}: {score:.4f}" for lr, score in scores.items()))
-    return best, {f"{lr:g}": score if math.isfinite(score) else None for lr, score in scores.items()}  # None: diverged
+    return best, {f"{lr:g}": score if math.isfinite(score) else None for lr, score in scores.items()}, tokens  # None: diverged

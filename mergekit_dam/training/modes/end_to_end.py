@@ -82,9 +82,9 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
         loss, kls = micro_batch_loss(view, data.experts, batch, teacher, settings, device)
         return loss, batch.mask.sum(), {job.rows[i]: kl for i, kl in kls.items()}
 
-    probe = None
+    probe, probe_tokens = None, 0
     if settings.lr == "auto":
-        chosen, probe = choose_lr(Stage(list(raw.values()), probe_steps(steps), micro_batch), settings, kl_on("validation"),
+        chosen, probe, probe_tokens = choose_lr(Stage(list(raw.values()), probe_steps(steps), micro_batch), settings, kl_on("validation"),
                                   ranks=ranks, quiet=job.quiet or not distributed.is_main())
         settings = settings.model_copy(update={"lr": chosen})
 
@@ -111,6 +111,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
         peak_memory_bytes=peak_memory(device), trainable_coefficients=sum(p.numel() for p in raw.values()),
         held_out_kl={"step_0_linear_average": kl_start, "final": kl_end}, loss_curve=_curve(history), estimate=plan,
         validation=select.report(), lr=settings.lr, lr_probe=probe,
+        tokens=sum(entry.get("tokens", 0) for entry in history) + probe_tokens,
     )
     checkpoints.remove()
     LOG.info("dam: trained in %.1f s; held-out KL per expert, linear average -> DAM: %s", report.seconds,

@@ -99,6 +99,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
         trainable_coefficients=sum(t.numel() for name, t in run.tables.items() if name in run.view.trained_names),
         held_out_kl={"step_0_linear_average": kl_start, "final": kl_end},
         loss_curve=[{k: entry[k] for k in ("stage", "step", "loss", "kl")} for entry in run.history], lr=settings.lr,
+        tokens=sum(entry["tokens"] for entry in run.history),
     )
     LOG.info("dam: trained layer-wise in %.1f s; held-out KL per expert, linear average -> DAM: %s", report.seconds,
              {row: f"{kl_start[row]:.4f} -> {kl_end[row]:.4f}" for row in kl_end})
