@@ -120,7 +120,8 @@ SMALL_LAB = Recipe(hidden=32, layers=2, pretrain_steps=30, finetune_steps=60, ba
 def small_lab(root, **changes) -> dict:
     manifest = build(str(root), Recipe(**{**SMALL_LAB.__dict__, **changes}), progress=False)
     return {"base": manifest["base"], "experts": [manifest["skills"][s]["expert"] for s in SKILLS],
-            "data": [manifest["skills"][s]["calibration"] for s in SKILLS]}
+            "data": [manifest["skills"][s]["calibration"] for s in SKILLS],
+            "general": manifest["general_calibration"], "general_held_out": manifest["general"]}
 
 
 @pytest.fixture(scope="session")

@@ -380,6 +380,45 @@ def test_lr_auto_probes_the_grid_from_the_start_and_trains_as_the_chosen_rate_wo
     assert report["tokens"] - chosen_report["tokens"] == pytest.approx(probe_steps * per_step, rel=0.35)
 
 
+def _general_kl_to_base(lab, merged_dir) -> float:
+    """KL(base ‖ merged) per token on the lab's held-out general text, with transformers alone."""
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_dam.tools.tiny import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    texts = [json.loads(line)["text"] for line in open(lab["general_held_out"], encoding="utf-8") if line.strip()]
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    width = max(map(len, ids))
+    batch = torch.tensor([row + [0] * (width - len(row)) for row in ids])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(lab["base"]).eval()(input_ids=batch, attention_mask=mask).logits.log_softmax(-1)
+        merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()(input_ids=batch, attention_mask=mask).logits.log_softmax(-1)
+    per_token = (base.exp() * (base - merged)).sum(-1)
+    return float((per_token * mask).sum() / mask.sum())
+
+
+def test_retain_dataset_keeps_the_merge_close_to_the_base_on_general_text(lab, tmp_path):
+    merge(lab_config(lab, tmp_path / "plain.safetensors", steps=30), tmp_path / "plain")
+    merge(lab_config(lab, tmp_path / "kept.safetensors", steps=30, retain_dataset=lab["general"], retain_weight=4.0), tmp_path / "kept")
+    report = json.loads((tmp_path / "kept.report.json").read_text())
+    assert set(report["held_out_kl"]["final"]) == set(lab["experts"]) | {lab["base"]}  # the retain data's KL is reported
+    plain, kept = _general_kl_to_base(lab, tmp_path / "plain"), _general_kl_to_base(lab, tmp_path / "kept")
+    assert kept < 0.8 * plain, (plain, kept)
+    for name, value in artifact_merge(tmp_path / "kept.safetensors").items():  # applied exactly, as any artifact
+        torch.testing.assert_close(read_checkpoint(str(tmp_path / "kept"))[name].double(), value, atol=1e-5, rtol=1e-5)
+    assert "general.calibration.jsonl" in (tmp_path / "kept" / "README.md").read_text()  # the card names it
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"parametrization": "weights"}, "`retain_dataset` keeps the merge close to the base model, which needs a `base_model:` with a row"),
+    ({"mode": "layerwise"}, "retain_dataset is supported with mode: end_to_end"),
+])
+def test_retain_dataset_without_a_base_row_is_one_line(lab, tmp_path, change, message):
+    _reject(lab_config(lab, tmp_path / "c.safetensors", retain_dataset=lab["general"], **change), tmp_path, message)
+
+
 def test_init_weight_without_a_base_is_one_line(lab, tmp_path):
     config = lab_config(lab, tmp_path / "c.safetensors", init_weight=0.5)
     del config["base_model"]

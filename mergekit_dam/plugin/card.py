@@ -16,7 +16,11 @@ def datasets_of(config) -> Dict[str, str]:
     it into modules and slices)."""
     inputs = [(m.model, m.parameters) for m in config.models or []]
     inputs += [(source.model, source.parameters) for output in config.slices or [] for source in output.sources]
-    return {str(model): parameters["dataset"] for model, parameters in inputs if isinstance((parameters or {}).get("dataset"), str)}
+    datasets = {str(model): parameters["dataset"] for model, parameters in inputs if isinstance((parameters or {}).get("dataset"), str)}
+    retain = (config.parameters or {}).get("retain_dataset")
+    if config.base_model is not None and isinstance(retain, str) and retain:
+        datasets.setdefault(str(config.base_model), retain)  # the base's data: general text it keeps the merge close to
+    return datasets
 
 
 def dam_section(datasets: Dict[str, str], sources: List, report_path_of) -> str:

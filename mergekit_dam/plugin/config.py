@@ -65,6 +65,12 @@ class DamSettings(BaseModel):
         "times (keep-best writes the best step seen)"))
     samples: int = Field(1700, ge=1, description="examples taken from each dataset")
     max_length: int = Field(2048, ge=2, description="tokens per example (longer examples are truncated)")
+    retain_dataset: str = Field("", description=(
+        "general data (any dataset format) on which the merged model is kept close to the base model: KL(base ‖ "
+        "merged), weighted by `retain_weight`, so that merging skills does not cost general text. The base, not "
+        "the linear average, is the target: it is the model whose general skill is intact. Needs a base row "
+        "(task vectors, the default with a base, or `include_base`)"))
+    retain_weight: float = Field(1.0, ge=0, description="weight of the `retain_dataset` KL against each expert's (1)")
     loss_on: Literal["answer", "all"] = Field("answer", description=(
         "`answer`: for records with an answer (chat `messages`: the assistant turns; `prompt`/`response`; Alpaca "
         "`output`) the KL is taken on the answer tokens only; `all`: on every token. Plain text always uses every token"))
@@ -190,6 +196,8 @@ class DamSettings(BaseModel):
             raise ValueError("mse_weight needs full expert logits: use teacher: online")
         if self.mode == "layerwise" and self.processes > 1:
             raise ValueError("mode: layerwise runs in one process; drop `processes` or use mode: end_to_end")
+        if self.mode == "layerwise" and self.retain_dataset:
+            raise ValueError("retain_dataset is supported with mode: end_to_end; drop it or use that mode")
         if self.mode == "layerwise" and self.checkpoint_every:
             raise ValueError("checkpoint_every is not supported with mode: layerwise (its stages are short); drop it")
         return self

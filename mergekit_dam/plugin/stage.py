@@ -262,6 +262,7 @@ def _train_here(context: MergeContext, dam, inventory: Inventory, data, key: str
         trust_remote_code=context.trust_remote_code,
         quiet=context.quiet,
         base_row=inventory.row_names.index(str(inventory.base)) if dam.settings.parametrization == "task_vectors" else None,
+        retain_row=str(inventory.base) if dam.settings.retain_dataset else None,
     )
     result = train(job, key, path)
     if not main:
@@ -290,11 +291,25 @@ def report_path_of(artifact_path: str) -> str:
     return os.path.splitext(artifact_path)[0] + ".report.json"
 
 
+def retain_row(settings: DamSettings, inventory: Inventory, data) -> str:
+    """The row whose logits `retain_dataset` keeps: the base's, which needs a row."""
+    base = str(inventory.base) if inventory.base is not None else None
+    if base is None or base not in inventory.row_names:
+        raise DamError("dam: `retain_dataset` keeps the merge close to the base model, which needs a `base_model:` with a row "
+                       "of coefficients (parametrization: task_vectors, the default with a base, or include_base: true)")
+    if base in data:
+        raise DamError(f"dam: the base model {base} has a `dataset:` and `retain_dataset` is set: both would be its data; "
+                       "keep one")
+    return base
+
+
 def decide(context: MergeContext, dam, inventory: Inventory) -> CoefficientSource:
     settings = dam.settings
     rows = tuple(inventory.row_names)
     path = resolve_path(settings.coefficients) if settings.coefficients else None
     data = {row: dam.models[row] for row in rows if row in dam.models and dam.models[row].dataset}
+    if data and settings.retain_dataset:
+        data[retain_row(settings, inventory, data)] = ModelSettings(dataset=settings.retain_dataset)
     if data:
         return CoefficientSource(rows, _train(context, dam, inventory, data, path))
     if settings.retrain:

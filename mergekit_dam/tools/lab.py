@@ -196,6 +196,15 @@ def write_lm_eval_tasks(root: str, skills: Dict[str, dict]) -> str:
     return folder
 
 
+def write_general_calibration(root: str, recipe: Recipe, held_out_path: str) -> str:
+    """General text for `retain_dataset`, none of it in the held-out general text (the
+    forgetting metric), from a seed of its own."""
+    with open(held_out_path, encoding="utf-8") as handle:
+        held_out = {json.loads(line)["text"] for line in handle if line.strip()}
+    texts = [t for t in general_text(torch.Generator().manual_seed(recipe.seed + 3), 2 * recipe.calibration) if t not in held_out]
+    return _write_jsonl(os.path.join(root, "data", "general.calibration.jsonl"), [{"text": t} for t in texts[: recipe.calibration]])
+
+
 def build(root: str, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
     """Build (or reuse) the lab in `root`; returns its manifest (also `root/lab.json`)."""
     from tqdm.auto import tqdm
@@ -207,8 +216,9 @@ def build(root: str, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
         with open(manifest_path, encoding="utf-8") as handle:
             manifest = json.load(handle)
         if manifest.get("recipe") == asdict(recipe):
-            if "lm_eval_tasks" not in manifest:  # a lab built before it had them
-                manifest["lm_eval_tasks"] = write_lm_eval_tasks(root, manifest["skills"])
+            if "lm_eval_tasks" not in manifest or "general_calibration" not in manifest:  # a lab built before them
+                manifest.setdefault("lm_eval_tasks", write_lm_eval_tasks(root, manifest["skills"]))
+                manifest.setdefault("general_calibration", write_general_calibration(root, recipe, manifest["general"]))
                 atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
             return manifest
 
@@ -227,6 +237,7 @@ def build(root: str, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
     bar.update()
     manifest["general"] = _write_jsonl(os.path.join(root, "data", "general.held_out.jsonl"),
                                        [{"text": t} for t in general_text(torch.Generator().manual_seed(recipe.seed + 2), recipe.held_out)])
+    manifest["general_calibration"] = write_general_calibration(root, recipe, manifest["general"])
     for index, skill in enumerate(SKILLS):
         draw = generators[skill]
         train_generator = torch.Generator().manual_seed(recipe.seed + 100 + index)

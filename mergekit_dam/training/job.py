@@ -26,6 +26,7 @@ class TrainingJob:
     trust_remote_code: bool = False
     quiet: bool = False
     base_row: Optional[int] = None  # the base's row, with parametrization: task_vectors
+    retain_row: Optional[str] = None  # the row whose data is `retain_dataset` (the base's), its loss weighted by retain_weight
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from tqdm.auto import tqdm
 
@@ -77,9 +77,12 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
                       patience=settings.patience, max_minutes=settings.max_minutes, keep_best=settings.keep_best)
     checkpoints = Checkpoints(artifact_path, key, raw, bool(settings.checkpoint_every or settings.checkpoint_minutes), steps, select)
 
+    # each expert's KL counts once; the retain data's (the base's row) retain_weight times
+    weights = [settings.retain_weight if job.rows[i] == job.retain_row else 1.0 for i in data.experts]
+
     def micro_batch(step: int, micro: int) -> tuple:
         batch = _micro_batch(data, settings, step * settings.grad_accum + micro)
-        loss, kls = micro_batch_loss(view, data.experts, batch, teacher, settings, device)
+        loss, kls = micro_batch_loss(view, data.experts, batch, teacher, settings, device, weights)
         return loss, batch.mask.sum(), {job.rows[i]: kl for i, kl in kls.items()}
 
     probe, probe_tokens = None, 0
@@ -169,9 +172,11 @@ def _micro_batch(data: ExpertData, settings, micro_step: int) -> Batch:
     return Batch([k for _, k in picks], *collate_examples([data.train[i][k] for i, k in picks], data.pad_id))
 
 
-def micro_batch_loss(view: MergedModel, experts: Sequence[int], batch: Batch, teacher, settings, device) -> tuple:
+def micro_batch_loss(view: MergedModel, experts: Sequence[int], batch: Batch, teacher, settings, device,
+                     weights: Optional[Sequence[float]] = None) -> tuple:
     """(loss, {expert index: KL}) of one micro-batch (`batch_size` rows per expert, in
-    `experts` order): one merged forward for all rows, each expert's rows against its teacher."""
+    `experts` order): one merged forward for all rows, each expert's rows against its
+    teacher, its loss times its weight (default 1)."""
     rows = [batch.rows(slot * settings.batch_size, (slot + 1) * settings.batch_size, device) for slot in range(len(experts))]
     student, tables = view.merged_logits(batch.ids.to(device), batch.mask.to(device))
     loss = objective.regularisers(tables.values(), settings)
@@ -179,7 +184,7 @@ def micro_batch_loss(view: MergedModel, experts: Sequence[int], batch: Batch, te
     for slot, (index, part) in enumerate(zip(experts, rows)):
         mine = slice(slot * settings.batch_size, (slot + 1) * settings.batch_size)
         expert_loss, kls[index] = objective.expert_loss(student[mine], part.loss_mask, settings, **teacher.target(index, part))
-        loss = loss + expert_loss
+        loss = loss + (expert_loss if weights is None else weights[slot] * expert_loss)
     return loss, kls
 
 
