@@ -43,6 +43,9 @@ def main(argv=None) -> int:
                          "default with --lab: the lab's tasks)")
     compare.add_argument("--lm-eval-limit", type=int, metavar="N", help="only the first N examples of each lm-eval task")
     compare.add_argument("--lm-eval-batch-size", default="8", metavar="B", help="lm-eval's batch size, or auto (default: 8)")
+    compare.add_argument("--compute", action="append", default=[], metavar="NAME=FLOAT",
+                         help="what making model NAME cost, in forward-token equivalents (0: no search): adds a compute "
+                              "column and quality-vs-compute panels")
     inspect = commands.add_parser("inspect", parents=[quiet], help="coefficient statistics and heatmap of an artifact")
     inspect.add_argument("artifact")
     inspect.add_argument("--out", help="output dir (default: next to the artifact)")
@@ -126,14 +129,35 @@ def run_compare(args) -> None:
     for value in args.models:
         name, sep, path = value.partition("=")
         models[name if sep else os.path.basename(value.rstrip("/"))] = path if sep else value
+    compute = _compute(args.compute, models)
     lm_eval = lm_eval_runner(args, lab) if args.lm_eval else None
     results = score(models, suite)
+    for name, value in compute.items():
+        results[name]["compute"] = value
     if lm_eval:
         for name, scores in lm_eval(models).items():
             results[name]["lm_eval"] = scores
     outputs = write_outputs(results, args.out)
     print(markdown(results))
     print(f"\nJSON: {outputs['json']}\ntable: {outputs['table']}\nchart: {outputs['chart']}")
+
+
+def _compute(values, models) -> dict:
+    """--compute NAME=FLOAT: {model name: forward-token equivalents}, for models being compared."""
+    result = {}
+    for value in values:
+        name, sep, text = value.partition("=")
+        if not sep or not name or not text:
+            raise DamError(f"dam: --compute `{value}` must be NAME=FLOAT")
+        if name not in models:
+            raise DamError(f"dam: --compute names {name}, which is not among the models ({', '.join(models)})")
+        try:
+            result[name] = float(text)
+        except ValueError:
+            raise DamError(f"dam: --compute {name}={text}: the compute must be a number (forward-token equivalents)") from None
+        if not result[name] >= 0:
+            raise DamError(f"dam: --compute {name}={text}: the compute must be 0 or more")
+    return result
 
 
 def lm_eval_runner(args, lab):

@@ -9,7 +9,10 @@ Per model and skill:
 and per model `general_nll` on general text (forgetting). With a base model and the
 experts, `retention` = share of each expert's gain over the base that a model keeps.
 `compare --lm-eval` adds `lm_eval`: {task: {metric: value}} from lm-evaluation-harness
-(harness.py). Writes JSON, a markdown table and a PNG chart.
+(harness.py), and `compare --compute NAME=FLOAT` adds `compute`: what making the model cost,
+in forward-token equivalents (benchmarks/evolution.py counts them for DAM and for an
+evolutionary search; 0 for a merge without any search). Writes JSON, a markdown table and a
+PNG chart (with compute: mean exact match and mean KL against compute too).
 """
 
 from __future__ import annotations
@@ -193,13 +196,18 @@ def lm_eval_label(task: str, metric: str, separator: str = " ") -> str:
     return f"{task}{separator}{metric.removesuffix(',none')}"
 
 
+def has_compute(results: dict) -> bool:
+    return any("compute" in entry for entry in results.values())
+
+
 def markdown(results: dict) -> str:
     first = next(iter(results.values()))
     skills = [k for k, v in first.items() if isinstance(v, dict) and "nll" in v]
     harness = lm_eval_columns(results)
+    compute = has_compute(results)
     header = ("| model | " + " | ".join(f"{s} acc | {s} NLL | {s} KL" for s in skills) + " | general NLL |"
-              + "".join(f" {lm_eval_label(task, metric)} |" for task, metric in harness))
-    lines = [header, "|" + "---|" * (2 + 3 * len(skills) + len(harness))]
+              + "".join(f" {lm_eval_label(task, metric)} |" for task, metric in harness) + (" compute |" if compute else ""))
+    lines = [header, "|" + "---|" * (2 + 3 * len(skills) + len(harness) + compute)]
     for name, entry in results.items():
         cells = []
         for skill in skills:
@@ -208,13 +216,15 @@ def markdown(results: dict) -> str:
         general = entry.get("general_nll")
         cells.append("–" if general is None else f"{general:.3f}")
         cells += [f"{entry['lm_eval'][task][metric]:.3f}" for task, metric in harness]
+        if compute:
+            cells.append(f"{entry['compute']:.3g}" if "compute" in entry else "–")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def chart(results: dict, path: str, highlight: Optional[List[str]] = None) -> str:
-    """Exact-match accuracy and KL to the skill's expert, per skill and model, and a third
-    panel with the lm-eval scores when there are any."""
+    """Exact-match accuracy and KL to the skill's expert, per skill and model, a third panel
+    with the lm-eval scores when there are any, and both against compute when models have one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -228,8 +238,11 @@ def chart(results: dict, path: str, highlight: Optional[List[str]] = None) -> st
     if harness:
         panels.append(("lm-eval scores", [lm_eval_label(task, metric, "\n") for task, metric in harness],
                        lambda name: [results[name]["lm_eval"][task][metric] for task, metric in harness]))
-    figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8))
+    extra = 2 if any("compute" in results[name] for name in names) else 0
+    figure, axes = plt.subplots(1, len(panels) + extra, figsize=(6.5 * (len(panels) + extra), 4.8))
     width = 0.8 / len(names)
+    if extra:
+        compute_panels(results, names, skills, axes[len(panels):])
     for panel, (label, ticks, values_of) in zip(axes, panels):
         for index, name in enumerate(names):
             positions = [i + (index - (len(names) - 1) / 2) * width for i in range(len(ticks))]
@@ -242,6 +255,32 @@ def chart(results: dict, path: str, highlight: Optional[List[str]] = None) -> st
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def compute_panels(results: dict, names: List[str], skills: List[str], axes) -> None:
+    """Mean exact match and mean KL to the experts over the skills against compute (forward-token
+    equivalents, log scale), one point per model that has a compute (colours as in the bar
+    panels); a model that cost 0 (no search) is a dashed horizontal line."""
+    costed = [name for name in names if "compute" in results[name]]
+    for panel, metric, label in zip(axes, ("accuracy", "kl"), ("mean exact match vs compute (higher is better)",
+                                                                  "mean KL(expert || model) vs compute (lower is better)")):
+        for name in costed:
+            values = [results[name][s].get(metric) for s in skills]
+            values = [v for v in values if v is not None]
+            if not values:
+                continue
+            mean, color = sum(values) / len(values), f"C{names.index(name) % 10}"
+            if results[name]["compute"] > 0:
+                panel.scatter([results[name]["compute"]], [mean], color=color, label=name, zorder=3)
+                panel.annotate(name, (results[name]["compute"], mean), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            else:
+                panel.axhline(mean, color=color, linestyle="--", linewidth=1, label=f"{name} (no search)")
+        if any(results[name]["compute"] > 0 for name in costed):
+            panel.set_xscale("log")
+        panel.set_xlabel("compute (forward-token equivalents)")
+        panel.set_title(label)
+        panel.grid(alpha=0.3)
+        panel.legend(fontsize=7)
 
 
 def write_outputs(results: dict, out_dir: str, highlight: Optional[List[str]] = None) -> Dict[str, str]:
