@@ -101,7 +101,7 @@ def test_lab_example_configs_match_the_demo():
     from mergekit_dam.tools.lab import SKILLS
 
     root = "./dam-lab"  # "./": mergekit's model card would look "dam-lab/base" up on the hub
-    manifest = {"base": f"{root}/base", "skills": {
+    manifest = {"base": f"{root}/base", "general_calibration": f"{root}/data/general.calibration.jsonl", "skills": {
         s: {"expert": f"{root}/expert_{s}", "calibration": f"{root}/data/{s}.calibration.jsonl"} for s in SKILLS}}
     here = os.path.join(os.path.dirname(__file__), "..", "example_configs", "lab")
     for name, config in merge_configs(manifest, f"{root}/dam_coefficients.safetensors").items():

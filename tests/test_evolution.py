@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 import yaml
-
 from conftest import SMALL_LAB, read_checkpoint
+
 from mergekit_dam.tools.compare import Scorer
 from mergekit_dam.tools.lab import Recipe, build
 

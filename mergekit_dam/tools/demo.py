@@ -1,7 +1,7 @@
-"""The demo: the lab's experts merged five ways through stock mergekit-yaml, then compared.
+"""The demo: the lab's experts merged six ways through stock mergekit-yaml, then compared.
 
-Builds (or reuses) the lab (lab.py), writes the five configs of
-`example_configs/lab/` (dam, linear, task_arithmetic, ties, dare_ties) for this lab
+Builds (or reuses) the lab (lab.py), writes the six configs of `example_configs/lab/`
+(dam, dam_retain, linear, task_arithmetic, ties, dare_ties) for this lab
 directory, runs `mergekit-yaml` on each (DAM trains inside its merge), checks the DAM
 output against sum_i c_i * W_i recomputed from the checkpoints, scores base, experts and
 merges on every skill's held-out data (compare.py) and prints the table, each merge's
@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import yaml
@@ -28,16 +28,28 @@ from mergekit_dam.tools.lab import SKILLS, build
 DAM_LAB_SETTINGS = {"seed": 0}
 
 
-def merge_configs(manifest: dict, artifact: str) -> Dict[str, dict]:
-    """The five merges of the lab's experts; the simple methods use the settings users
-    commonly start from (weights 1/N-like, density 0.5)."""
+def retain_artifact_of(artifact: str) -> str:
+    stem, extension = os.path.splitext(artifact)
+    return f"{stem}_retain{extension}"
+
+
+def merge_configs(manifest: dict, artifact: str, dam_settings: Optional[dict] = None) -> Dict[str, dict]:
+    """The six merges of the lab's experts: dam, dam with the lab's general text as
+    `retain_dataset`, and the simple methods with the settings users commonly start from
+    (weights 1/N-like, density 0.5)."""
     base = manifest["base"]
     experts = [manifest["skills"][s]["expert"] for s in SKILLS]
     calibration = [manifest["skills"][s]["calibration"] for s in SKILLS]
-    return {
-        "dam": {"merge_method": "dam", "base_model": base,
+    settings = {**DAM_LAB_SETTINGS, **(dam_settings or {})}
+
+    def dam(parameters: dict) -> dict:
+        return {"merge_method": "dam", "base_model": base,
                 "models": [{"model": m, "parameters": {"dataset": d}} for m, d in zip(experts, calibration)],
-                "parameters": {"coefficients": artifact, **DAM_LAB_SETTINGS}, "dtype": "float32"},
+                "parameters": {**parameters, **settings}, "dtype": "float32"}
+
+    return {
+        "dam": dam({"coefficients": artifact}),
+        "dam_retain": dam({"coefficients": retain_artifact_of(artifact), "retain_dataset": manifest["general_calibration"]}),
         "linear": {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in experts],
                    "dtype": "float32"},
         "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base,
@@ -86,16 +98,18 @@ def check_dam_output(merged_dir: str, artifact: str) -> float:
     )
 
 
-def run_demo(workdir: str, quiet: bool = False, recipe=None) -> Dict[str, object]:
+def run_demo(workdir: str, quiet: bool = False, recipe=None, dam_settings: Optional[dict] = None) -> Dict[str, object]:
+    """`dam_settings`: DAM settings over the package defaults (tests make the run short)."""
     from mergekit_dam.tools.compare import Suite, score, write_outputs
 
     os.makedirs(workdir, exist_ok=True)
     manifest = build(os.path.join(workdir, "lab"), **({"recipe": recipe} if recipe else {}), progress=not quiet)
     artifact = os.path.join(workdir, "dam_coefficients.safetensors")
     seconds = {}
-    for name, config in merge_configs(manifest, artifact).items():
+    for name, config in merge_configs(manifest, artifact, dam_settings).items():
         seconds[name] = _mergekit_yaml(config, os.path.join(workdir, f"{name}.yml"), os.path.join(workdir, f"merged-{name}"), quiet)
-    worst = check_dam_output(os.path.join(workdir, "merged-dam"), artifact)
+    worst = max(check_dam_output(os.path.join(workdir, "merged-dam"), artifact),
+                check_dam_output(os.path.join(workdir, "merged-dam_retain"), retain_artifact_of(artifact)))
 
     models = {"base": manifest["base"], **{f"expert:{s}": manifest["skills"][s]["expert"] for s in SKILLS},
               **{name: os.path.join(workdir, f"merged-{name}") for name in seconds}}
