@@ -389,6 +389,9 @@ def parse_args(argv=None):
     parser.add_argument("--lab", default="dam-lab", help="the lab's directory (built if it has no lab.json)")
     parser.add_argument("--dam-report", help="DAM's <artifact>.report.json: its compute is the unit of the budgets")
     parser.add_argument("--dam-compute", type=float, help="DAM's compute in forward-token equivalents, instead of --dam-report")
+    parser.add_argument("--held-out", action=argparse.BooleanOptionalAction, default=True,
+                        help="at the end, score every merge on the held-out split with the printed `mergekit-dam compare` "
+                             "command (table, JSON and chart under OUT/compare)")
     parser.add_argument("--dam-model", help="DAM's merged model, for the compare command printed at the end")
     parser.add_argument("--simple-merge", action="append", default=[], metavar="NAME=PATH",
                         help="a simple merge (no search, compute 0) for the compare command printed at the end")
@@ -476,6 +479,12 @@ def main(argv=None) -> int:
         print(f"| {name} | | {compute} | | {wall} | {result['fitness']:.4f} | {result['accuracy']:.3f} | {result['nll']:.3f} |")
     print(f"\nDAM: {dam:.4g} forward-token equivalents" + (f", {dam_seconds:.0f} s" if dam_seconds else ""))
     print("held-out scores:\n" + summary["compare_command"])
+    if args.held_out:  # the same command, run here: one command from search to the held-out table and chart
+        import shlex
+
+        from mergekit_dam.cli import main as mergekit_dam
+
+        return mergekit_dam(["-q", *shlex.split(summary["compare_command"])[1:]])
     return 0
 
 
