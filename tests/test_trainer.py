@@ -378,6 +378,11 @@ def test_lr_auto_probes_the_grid_from_the_start_and_trains_as_the_chosen_rate_wo
     probe_steps = 5 * 5  # five rates, 5 steps each for a 20-step run
     per_step = chosen_report["tokens"] / 20
     assert report["tokens"] - chosen_report["tokens"] == pytest.approx(probe_steps * per_step, rel=0.35)
+    # and the choice is deterministic: the same config again gives the same rate and coefficients
+    again = tmp_path / "again.safetensors"
+    train_stage(lab_config(lab, again, lr="auto", steps=20))
+    assert json.loads((tmp_path / "again.report.json").read_text())["lr_probe"] == probe
+    assert all(torch.equal(a[name], load_file(str(again))[name]) for name in a)
 
 
 def _general_kl_to_base(lab, merged_dir) -> float:
