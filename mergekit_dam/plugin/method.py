@@ -58,11 +58,10 @@ def equal_coefficients(settings: DamSettings, names: Sequence[str], base: str) -
     """[rows, 1] coefficients where nothing was trained: training's start. With weights,
     1/N each (the linear average); with task vectors, each expert `init_weight` (unset:
     1/N of the experts, the same average) and the base 1 − Σ, i.e. task arithmetic."""
-    if settings.parametrization != "task_vectors":
-        return torch.full((len(names), 1), 1.0 / len(names))
-    experts = len(names) - 1
-    weight = settings.init_weight if settings.init_weight is not None else 1.0 / experts
-    return torch.tensor([[1.0 - experts * weight] if name == base else [weight] for name in names])
+    from mergekit_dam.training.experts import parametrization_for
+
+    start = parametrization_for(settings, names.index(base) if base in names else None)(len(names))
+    return start.table(torch.full((start.rows, 1), float(start.start)))
 
 
 class DamMerge(GroupMergeMethod):

@@ -5,7 +5,7 @@ view built over them, with the coefficients that train."""
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -75,15 +75,18 @@ def trains(kind: str, settings: DamSettings) -> bool:
     return kind == "linear" or (kind == "embedding" and settings.train_embeddings) or (kind == "norm" and settings.train_norms)
 
 
+def parametrization_for(settings: DamSettings, base_row: Optional[int]) -> Callable[[int], object]:
+    """rows -> the settings' parametrization (view.ColumnWeights or view.TaskVectors)."""
+    if settings.parametrization == "task_vectors":
+        return lambda n: TaskVectors(n, base_row, settings.init_weight)
+    return ColumnWeights
+
+
 def build_view(job, device: torch.device, dtype: torch.dtype, ranks=None, lazy: bool = False) -> MergedModel:
     """The merged-model view of the job's experts; sharded (each group an FSDP unit,
     the view the root) when `ranks` is given; `lazy`: no group loaded yet."""
     settings = job.settings
-    if settings.parametrization == "task_vectors":
-        def parametrization(n):
-            return TaskVectors(n, job.base_row, settings.init_weight)
-    else:
-        parametrization = ColumnWeights
+    parametrization = parametrization_for(settings, job.base_row)
     start = parametrization(len(job.rows)).start
     if not math.isfinite(float(NONLINEARITIES[settings.nonlinearity][1](torch.tensor(start)))):
         raise DamError(f"dam: nonlinearity `{settings.nonlinearity}` cannot represent the initial coefficient {start:g}; "
