@@ -63,3 +63,21 @@ def test_entropy_and_options():
     loss, kl = expert_loss(student, torch.ones(1, 1), settings, teacher=teacher)
     assert abs(kl.item()) < 1e-7
     assert abs(loss.item() - (0.5 * math.log(4) + 2.0 * 1.0)) < 1e-6
+
+
+def test_cosine_similarity_of_mixed_shapes_matches_a_loop_over_tensors_and_pairs():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 5), (3, 7), (3, 5), (2, 4), (1, 3), (4, 5)]
+    tables = [torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_() for shape in shapes]
+    means = []
+    for table in tables:
+        n = table.shape[0]
+        pairs = [(a, b) for a in range(n) for b in range(a + 1, n)]
+        if pairs:
+            means.append(sum(table[a] @ table[b] / (table[a].norm() * table[b].norm()) for a, b in pairs) / len(pairs))
+    expected = sum(means) / len(means)
+    result = cosine_similarity(tables)
+    assert abs(result.item() - expected.item()) < 1e-12
+    paired = [t for t in tables if t.shape[0] > 1]  # a one-row table has no pair: not in the mean
+    for got, want in zip(torch.autograd.grad(result, paired), torch.autograd.grad(expected, paired)):
+        torch.testing.assert_close(got, want)

@@ -19,15 +19,16 @@ def held_out_kl(
     temperature: float,
     device: torch.device,
 ) -> Dict[str, float]:
-    """Per expert row name: the row-weighted mean over its batches of the masked KL."""
-    result = {}
+    """Per expert row name: the mean over its scored tokens of the KL, every token counted
+    once whatever the batching. The sums stay on the device: one host sync per call."""
+    sums = {}
     with torch.no_grad():
         for index, chunks in batches.items():
-            total, count = 0.0, 0
+            total, count = torch.zeros((), dtype=torch.float64, device=device), 0
             for batch in chunks:
-                mask = batch.loss_mask.to(device)  # the answer tokens (every token for plain text)
-                kl = objective.kl_divergence(student(batch), teacher(index, batch), mask, temperature)
-                total += kl.item() * len(mask)
-                count += len(mask)
-            result[rows[index]] = total / count
-    return result
+                tokens = int(batch.loss_mask.sum())  # the answer tokens (every token for plain text); a CPU tensor
+                kl = objective.kl_divergence(student(batch), teacher(index, batch), batch.loss_mask.to(device), temperature)
+                total += kl.double() * tokens
+                count += tokens
+            sums[rows[index]] = (total, count)
+    return {row: float(total) / max(count, 1) for row, (total, count) in sums.items()}

@@ -65,17 +65,22 @@ def logit_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) 
 
 
 def cosine_similarity(coefficients: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Mean over tensors of the mean over model pairs of cos(c_a, c_b); tensors are [N, D]."""
-    per_tensor = []
+    """Mean over tensors of the mean over model pairs of cos(c_a, c_b); tensors are [N, D].
+    Tensors of one shape are stacked and computed together (a few kernels per shape, not
+    per tensor: what a step launches on a GPU counts)."""
+    by_shape: dict = {}
     for table in coefficients:
-        pairs = list(itertools.combinations(range(table.shape[0]), 2))
-        if not pairs:
-            continue
-        first, second = zip(*pairs)
-        per_tensor.append(F.cosine_similarity(table[list(first)], table[list(second)], dim=-1).mean())
-    if not per_tensor:
+        if table.shape[0] > 1:
+            by_shape.setdefault(tuple(table.shape), []).append(table)
+    if not by_shape:
         return torch.zeros(())
-    return torch.stack(per_tensor).mean()
+    total, count = 0, 0
+    for (n, _), tables in by_shape.items():
+        first, second = (list(side) for side in zip(*itertools.combinations(range(n), 2)))
+        stacked = torch.stack(tables)  # [T, N, D]
+        total = total + F.cosine_similarity(stacked[:, first], stacked[:, second], dim=-1).mean(-1).sum()
+        count += len(tables)
+    return total / count
 
 
 def coefficient_norms(coefficients: Iterable[torch.Tensor]) -> tuple:

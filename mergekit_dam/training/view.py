@@ -239,7 +239,8 @@ class MergedBlock(torch.nn.Module):
 
         def compute(hidden_states, *args, **kwargs):
             weights, tables = group(selection, rebuilt)
-            return functional_call(self.layer, weights, (hidden_states, *args), kwargs), tables
+            # tie_weights=False: a decoder layer ties nothing, and looking for ties walks the layer on every call
+            return functional_call(self.layer, weights, (hidden_states, *args), kwargs, tie_weights=False), tables
 
         if training and self.view.recompute == "layer":
             return checkpoint(compute, hidden_states, *args, use_reentrant=False, **kwargs)

@@ -63,12 +63,16 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     steps = data.steps(settings)
     plan = _check_memory(job, data, view, device, dtype, steps, ranks)
 
+    # forwards without gradients take as many sequences as a training micro-batch holds
+    # (batch_size per expert), in fewer, larger batches: less memory than a training step
+    # keeps, and far fewer launches per evaluation
+    no_grad_batch = settings.batch_size * len(data.experts)
     teacher = make_teacher(settings, lambda i, b: view.expert_logits(i, b.ids.to(device), b.mask.to(device)), device)
-    for index, batches in data.chunks("train", settings.batch_size).items():
+    for index, batches in data.chunks("train", no_grad_batch).items():
         teacher.prepare(index, batches)
 
     def kl_on(split: str):
-        batches = data.chunks(split, settings.batch_size)
+        batches = data.chunks(split, no_grad_batch)
         return lambda: held_out_kl(job.rows, batches, lambda b: view.merged_logits(b.ids.to(device), b.mask.to(device))[0],
                                    lambda i, b: view.expert_logits(i, b.ids.to(device), b.mask.to(device)), settings.temperature, device)
 
