@@ -254,7 +254,8 @@ def main():
             out = os.path.join(args.work, "merges", name)
             if not os.path.exists(os.path.join(out, "config.json")):
                 config = merge_config(name, spec, base, experts, calibration, args.work)
-                times[f"merge_{name}_s"] = _mergekit_yaml(config, os.path.join(args.work, "merges", f"{name}.yml"), out, quiet=True)
+                times[f"merge_{name}_s"] = _mergekit_yaml(config, os.path.join(args.work, "merges", f"{name}.yml"), out, quiet=True,
+                                                          options=["--cuda"] if args.device == "cuda" else [])
                 print(f"{name}: merged in {times[f'merge_{name}_s']:.1f} s", flush=True)
             report = os.path.join(args.work, "merges", f"{name}.report.json")
             if args.out and os.path.exists(report):

@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 import yaml
@@ -72,10 +72,11 @@ def _tensors(path: str) -> Dict[str, torch.Tensor]:
     return tensors
 
 
-def _mergekit_yaml(config: dict, config_path: str, out: str, quiet: bool) -> float:
+def _mergekit_yaml(config: dict, config_path: str, out: str, quiet: bool, options: Sequence[str] = ()) -> float:
+    """Seconds a stock `mergekit-yaml` run of `config` took; `options`: more of its flags (e.g. --cuda)."""
     with open(config_path, "w", encoding="utf-8") as handle:
         yaml.safe_dump(config, handle, sort_keys=False)
-    command = [os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), config_path, out, "--random-seed", "0"]
+    command = [os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), config_path, out, "--random-seed", "0", *options]
     if quiet:
         command.append("--quiet")
     start = time.perf_counter()
