@@ -4,7 +4,10 @@ import torch
 
 from mergekit_dam.plugin.config import DamSettings
 from mergekit_dam.training.data import Batch, Example
-from mergekit_dam.training.teachers import Online, TopK
+import pytest
+
+from mergekit_dam.training import teachers
+from mergekit_dam.training.teachers import Cached, Online, TopK, cache_bytes, make_teacher
 
 SEQUENCES = [Example(ids) for ids in ([5, 6, 7], [8, 9], [1, 2, 3, 4])]
 
@@ -43,3 +46,46 @@ def test_online_target_is_the_expert_logits_without_grad():
     target = Online(logits, DamSettings(), torch.device("cpu")).target(2, Batch.of(SEQUENCES, [0], 0))["teacher"]
     assert calls == [2] and not target.requires_grad
     torch.testing.assert_close(target, logits_of(2, Batch.of(SEQUENCES, [0], 0)))
+
+
+ANSWERED = [Example([5, 6, 7], [0, 1, 1]), Example([8, 9]), Example([1, 2, 3, 4], [0, 0, 1, 0])]
+
+
+def test_cached_target_is_the_expert_logits_at_the_scored_tokens_in_any_grouping():
+    calls = []
+
+    def logits(index, batch):
+        calls.append(index)
+        return logits_of(index, batch)
+
+    teacher = Cached(logits, DamSettings(teacher="cached"), torch.device("cpu"))
+    teacher.prepare(2, [Batch.of(ANSWERED, [0, 1], 0), Batch.of(ANSWERED, [2], 0)])
+    calls.clear()
+    batch = Batch.of(ANSWERED, [2, 0, 1], 0)  # another grouping, order and padding than prepared
+    target = teacher.target(2, batch)["teacher"]
+    assert calls == []  # no expert forward per step
+    assert target.shape == (3, 4, 10)
+    for row, sequence in enumerate(batch.sequences):
+        alone = logits_of(2, Batch.of(ANSWERED, [sequence], 0))[0]
+        example = ANSWERED[sequence]
+        scored = torch.tensor(example.answer if example.answer is not None else [1] * len(example), dtype=torch.bool)
+        torch.testing.assert_close(target[row, : len(example)][scored], alone[scored])
+        assert not target[row, : len(example)][~scored].any() and not target[row, len(example):].any()
+
+
+def test_cache_bytes_counts_one_row_of_logits_per_scored_token():
+    assert cache_bytes({0: ANSWERED}, 10, torch.float32) == (2 + 2 + 1) * 10 * 4
+    assert cache_bytes({0: ANSWERED, 3: ANSWERED[:1]}, 10, torch.bfloat16) == (5 + 2) * 10 * 2
+
+
+@pytest.mark.parametrize("size, expected", [(0, "cached"), (teachers.CACHE_BUDGET_BYTES, "cached"),
+                                            (teachers.CACHE_BUDGET_BYTES + 1, "online")])
+def test_auto_caches_within_the_budget(size, expected, caplog):
+    caplog.set_level("INFO", logger="mergekit_dam")
+    teacher, name = make_teacher(DamSettings(), logits_of, torch.device("cpu"), size)
+    assert name == expected and type(teacher) is teachers.TEACHERS[expected]
+    assert f"teacher: auto is {expected}" in caplog.text
+
+
+def test_an_explicit_teacher_is_kept_whatever_the_size():
+    assert make_teacher(DamSettings(teacher="online"), logits_of, torch.device("cpu"), 0)[1] == "online"

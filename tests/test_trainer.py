@@ -131,6 +131,23 @@ def test_topk_teacher_and_effective_nonlinear_coefficients(lab, tmp_path):
         torch.testing.assert_close(table, start.expand_as(table))
 
 
+def test_the_cached_teacher_learns_what_the_online_one_does(lab, tmp_path):
+    """The same targets, computed once: the coefficients agree to float32 rounding (the
+    cached logits come from other batch shapes), and auto caches the lab's small logits."""
+    tables = {}
+    for teacher in ("online", "cached", "auto"):
+        train_stage(lab_config(lab, tmp_path / f"{teacher}.safetensors", teacher=teacher, steps=12, train_dtype="float32"))
+        tables[teacher] = load_file(str(tmp_path / f"{teacher}.safetensors"))
+        report = json.loads((tmp_path / f"{teacher}.report.json").read_text())
+        assert report["teacher"] == ("cached" if teacher == "auto" else teacher)
+    start = linear_start(tmp_path / "online.safetensors", lab["base"])
+    moved = max((tables["online"][name] - start.expand_as(t)).abs().max().item() for name, t in tables["online"].items())
+    assert moved > 1e-3  # training moved the coefficients, so agreeing says something
+    for name, table in tables["online"].items():
+        torch.testing.assert_close(tables["cached"][name], table, atol=1e-5, rtol=1e-4)
+        assert torch.equal(tables["auto"][name], tables["cached"][name])
+
+
 def test_frozen_kinds_keep_equal_coefficients(lab, tmp_path):
     train_stage(lab_config(lab, tmp_path / "c.safetensors", train_norms=False, train_embeddings=False))
     tables = load_file(str(tmp_path / "c.safetensors"))

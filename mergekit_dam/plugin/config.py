@@ -110,7 +110,7 @@ class DamSettings(BaseModel):
     l2_weight: float = Field(0.0, ge=0, description="weight of the L2 norm (not squared) of all coefficients")
     entropy_weight: float = Field(0.0, ge=0, description="weight of the entropy of the merged model's predictions")
     mse_weight: float = Field(0.0, ge=0, description=(
-        "weight of the mean squared error between merged and expert logits (needs `teacher: online`)"))
+        "weight of the mean squared error between merged and expert logits (not with `teacher: topk`)"))
     granularity: Literal["column", "tensor", "layer"] = Field("column", description=(
         "what one coefficient covers: `column` (one per input column of each tensor, the paper's DAM), `tensor` (one "
         "per model per tensor) or `layer` (one per model per decoder layer, AdaMerging-style; the embedding and the "
@@ -132,9 +132,11 @@ class DamSettings(BaseModel):
     train_embeddings: bool = Field(True, description=(
         "learn coefficients for the embeddings (`false`: they stay 1/N); linear layers and lm_head always learn"))
     train_norms: bool = Field(True, description="learn coefficients for norm weights (`false`: they stay 1/N)")
-    teacher: Literal["online", "topk"] = Field("online", description=(
-        "`online`: the experts' logits are computed during training; `topk`: each expert's top-`topk` "
-        "log-probabilities are cached before training (in `mode: layerwise`, before its last stage)"))
+    teacher: Literal["auto", "online", "cached", "topk"] = Field("auto", description=(
+        "`online`: the experts' logits are computed at every step; `cached`: computed once before training, "
+        "at the scored tokens, and kept in host memory (the same targets, no expert forward per step); `auto`: "
+        "`cached` when that takes at most 2 GiB, else `online`; `topk`: each expert's top-`topk` log-probabilities "
+        "are cached (in `mode: layerwise`, before its last stage)"))
     topk: int = Field(128, ge=1, description="K of `teacher: topk`")
 
     # Where and how training runs (all but `mode` left out of the training key).
@@ -193,7 +195,7 @@ class DamSettings(BaseModel):
         if self.init_weight is not None and self.parametrization == "weights":
             raise ValueError("init_weight applies to parametrization: task_vectors; drop it or set the parametrization")
         if self.teacher == "topk" and self.mse_weight:
-            raise ValueError("mse_weight needs full expert logits: use teacher: online")
+            raise ValueError("mse_weight needs full expert logits: use teacher: auto, online or cached")
         if self.mode == "layerwise" and self.processes > 1:
             raise ValueError("mode: layerwise runs in one process; drop `processes` or use mode: end_to_end")
         if self.mode == "layerwise" and self.retain_dataset:

@@ -49,6 +49,7 @@ class TrainingReport:
     validation: Optional[dict] = None  # selection.KeepBest.report(): the curve and the kept step (end-to-end mode)
     lr: Optional[float] = None  # the learning rate used (`lr: auto`'s choice)
     lr_probe: Optional[Dict[str, float]] = None  # `lr: auto`: validation KL after the probe, per candidate rate
+    teacher: Optional[str] = None  # the teacher used (`teacher: auto`'s choice)
     tokens: Optional[int] = None  # real tokens through the merged model in training (forward + backward), the probe's included
 
     def to_dict(self) -> dict:

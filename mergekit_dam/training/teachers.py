@@ -11,13 +11,18 @@ here, its name in TEACHERS, and that name in the `teacher` setting.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Tuple
+import logging
+from typing import Callable, Dict, Iterable, Mapping, Sequence, Tuple
 
 import torch
 
-from mergekit_dam.training.data import Batch
+from mergekit_dam.training.data import Batch, Example
 
 Logits = Callable[[int, Batch], torch.Tensor]
+LOG = logging.getLogger("mergekit_dam")
+
+# `teacher: auto` caches the experts' logits when they take at most this much host memory
+CACHE_BUDGET_BYTES = 2 * 2**30
 
 
 class Online:
@@ -32,6 +37,33 @@ class Online:
     def target(self, index: int, batch: Batch) -> dict:
         with torch.no_grad():
             return {"teacher": self.logits(index, batch)}
+
+
+class Cached:
+    """Expert i's logits at the scored tokens of its training sequences (the answers; every
+    token of plain text), computed once before training and kept on the CPU in the dtype
+    they come in: the online teacher's targets, up to the rounding of another batch
+    shape, without an expert forward per step. Positions the loss does not score are zeros."""
+
+    def __init__(self, logits: Logits, settings, device: torch.device):
+        self.logits, self.device = logits, device
+        self.cache: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]] = {}  # (expert, sequence) -> positions, [n, V]
+
+    def prepare(self, index: int, batches: Iterable[Batch]) -> None:
+        with torch.no_grad():
+            for batch in batches:
+                logits = self.logits(index, batch)
+                for row, sequence in enumerate(batch.sequences):
+                    positions = batch.loss_mask[row].cpu().nonzero()[:, 0]
+                    self.cache[index, sequence] = (positions, logits[row, positions.to(logits.device)].cpu())
+
+    def target(self, index: int, batch: Batch) -> dict:
+        entries = [self.cache[index, sequence] for sequence in batch.sequences]
+        values = entries[0][1]
+        teacher = torch.zeros(len(entries), batch.ids.shape[1], values.shape[-1], dtype=values.dtype)
+        for row, (positions, logits) in enumerate(entries):
+            teacher[row, positions] = logits
+        return {"teacher": teacher.to(self.device)}
 
 
 class TopK:
@@ -65,8 +97,21 @@ class TopK:
         return {"topk": (values.to(self.device), indices.to(self.device))}
 
 
-TEACHERS = {"online": Online, "topk": TopK}
+TEACHERS = {"online": Online, "cached": Cached, "topk": TopK}
 
 
-def make_teacher(settings, logits: Logits, device: torch.device):
-    return TEACHERS[settings.teacher](logits, settings, device)
+def cache_bytes(train: Mapping[int, Sequence[Example]], vocab: int, dtype: torch.dtype) -> int:
+    """What `Cached` keeps for these training sets: one row of logits per scored token."""
+    scored = sum(len(e) if e.answer is None else sum(e.answer) for examples in train.values() for e in examples)
+    return scored * vocab * (torch.finfo(dtype).bits // 8)
+
+
+def make_teacher(settings, logits: Logits, device: torch.device, cache_size: int = 0):
+    """The teacher of `settings.teacher`; `auto`: `cached` when its `cache_size` (bytes,
+    from cache_bytes) fits CACHE_BUDGET_BYTES, else `online`. Returns (teacher, its name)."""
+    name = settings.teacher
+    if name == "auto":
+        name = "cached" if cache_size <= CACHE_BUDGET_BYTES else "online"
+        LOG.info("dam: teacher: auto is %s (the experts' logits at the scored tokens take %.2f GiB; cached up to %.0f GiB)",
+                 name, cache_size / 2**30, CACHE_BUDGET_BYTES / 2**30)
+    return TEACHERS[name](logits, settings, device), name

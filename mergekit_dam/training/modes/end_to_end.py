@@ -44,7 +44,7 @@ from mergekit_dam.training.selection import (
     evaluation_interval,
     validation_chart,
 )
-from mergekit_dam.training.teachers import make_teacher
+from mergekit_dam.training.teachers import cache_bytes, make_teacher
 from mergekit_dam.training.view import MergedModel
 
 LOG = logging.getLogger("mergekit_dam")
@@ -67,7 +67,8 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     # (batch_size per expert), in fewer, larger batches: less memory than a training step
     # keeps, and far fewer launches per evaluation
     no_grad_batch = settings.batch_size * len(data.experts)
-    teacher = make_teacher(settings, lambda i, b: view.expert_logits(i, b.ids.to(device), b.mask.to(device)), device)
+    teacher, teacher_name = make_teacher(settings, lambda i, b: view.expert_logits(i, b.ids.to(device), b.mask.to(device)), device,
+                                         cache_bytes({i: data.train[i] for i in data.experts}, job.out_config.vocab_size, dtype))
     for index, batches in data.chunks("train", no_grad_batch).items():
         teacher.prepare(index, batches)
 
@@ -117,7 +118,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
         seconds=time.perf_counter() - started, tokens_per_second=_tokens_per_second(history[checkpoints.first_step:], clock[0]),
         peak_memory_bytes=peak_memory(device), trainable_coefficients=sum(p.numel() for p in raw.values()),
         held_out_kl={"step_0_linear_average": kl_start, "final": kl_end}, loss_curve=_curve(history), estimate=plan,
-        validation=select.report(), lr=settings.lr, lr_probe=probe,
+        validation=select.report(), lr=settings.lr, lr_probe=probe, teacher=teacher_name,
         tokens=sum(entry.get("tokens", 0) for entry in history) + probe_tokens,
     )
     checkpoints.remove()
