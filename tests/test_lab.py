@@ -1,13 +1,23 @@
 import json
 import os
 import shutil
+from dataclasses import asdict
 
 import pytest
 import torch
 from conftest import read_checkpoint
 
 from mergekit_dam.cli import main as cli
-from mergekit_dam.tools.lab import SKILLS, Recipe, build, skill_generators, split_of
+from mergekit_dam.tools import lab
+from mergekit_dam.tools.lab import (
+    SKILLS,
+    Recipe,
+    build,
+    check_reference,
+    fingerprint,
+    skill_generators,
+    split_of,
+)
 
 TINY = Recipe(hidden=16, layers=1, pretrain_steps=3, finetune_steps=3, batch=4, calibration=8, validation=4, held_out=4)
 
@@ -74,3 +84,36 @@ def test_a_lab_built_before_it_had_lm_eval_tasks_gets_them_from_lab_build(tmp_pa
     (tmp_path / "lab.json").write_text(json.dumps(manifest))
     assert cli(["-q", "compare", "--lab", str(tmp_path), manifest["base"], "--lm-eval", "dam_lab"]) == 1
     assert f"run `mergekit-dam lab build {tmp_path}`" in capsys.readouterr().err
+
+
+def test_the_fingerprint_is_recorded_and_changes_with_one_ulp_of_one_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    manifest = build(str(tmp_path / "a"), TINY, progress=False)
+    assert manifest["fingerprint"] == fingerprint(manifest) == build(str(tmp_path / "b"), TINY, progress=False)["fingerprint"]
+    path = os.path.join(manifest["skills"]["shift"]["expert"], "model.safetensors")
+    tensors = load_file(path)
+    name = sorted(tensors)[0]
+    flat = tensors[name].view(-1)
+    flat[0] = torch.nextafter(flat[0], torch.tensor(float("inf")))
+    save_file(tensors, path, metadata={"format": "pt"})
+    assert fingerprint(manifest) != manifest["fingerprint"]
+
+
+def test_a_lab_without_a_fingerprint_gets_one_when_reused(tmp_path):
+    manifest = build(str(tmp_path), TINY, progress=False)
+    recorded = manifest.pop("fingerprint")
+    (tmp_path / "lab.json").write_text(json.dumps(manifest))
+    assert build(str(tmp_path), TINY, progress=False)["fingerprint"] == recorded
+    assert json.loads((tmp_path / "lab.json").read_text())["fingerprint"] == recorded
+
+
+@pytest.mark.parametrize("recipe, print_, expected, said", [
+    (Recipe(), lab.REFERENCE_FINGERPRINT, True, "bit-identical to the reference build"),
+    (Recipe(), "0" * 64, False, "differs from the reference build"),
+    (TINY, lab.REFERENCE_FINGERPRINT, False, ""),  # only the default recipe has a reference
+])
+def test_check_reference_says_whether_the_lab_figures_apply(recipe, print_, expected, said, caplog):
+    caplog.set_level("INFO", logger="mergekit_dam")
+    assert check_reference({"recipe": asdict(recipe), "fingerprint": print_}) is expected
+    assert said in caplog.text and (said or not caplog.text)

@@ -1,13 +1,18 @@
 """Teachers against a direct computation of what they should return."""
 
+import pytest
 import torch
 
 from mergekit_dam.plugin.config import DamSettings
-from mergekit_dam.training.data import Batch, Example
-import pytest
-
 from mergekit_dam.training import teachers
-from mergekit_dam.training.teachers import Cached, Online, TopK, cache_bytes, make_teacher
+from mergekit_dam.training.data import Batch, Example
+from mergekit_dam.training.teachers import (
+    Cached,
+    Online,
+    TopK,
+    cache_bytes,
+    make_teacher,
+)
 
 SEQUENCES = [Example(ids) for ids in ([5, 6, 7], [8, 9], [1, 2, 3, 4])]
 

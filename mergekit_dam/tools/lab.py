@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import platform
 import string
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Tuple
@@ -31,6 +33,8 @@ import yaml
 
 from mergekit_dam.atomic import atomic_write_text
 from mergekit_dam.tools.tiny import make_config, make_tokenizer, save_model
+
+LOG = logging.getLogger("mergekit_dam")
 
 SKILLS = ("arithmetic", "shift", "translate", "brackets")
 SPLITS = ("train", "validation", "held_out")
@@ -205,6 +209,40 @@ def write_general_calibration(root: str, recipe: Recipe, held_out_path: str) -> 
     return _write_jsonl(os.path.join(root, "data", "general.calibration.jsonl"), [{"text": t} for t in texts[: recipe.calibration]])
 
 
+# fingerprint() of the default recipe's build that BENCHMARKS.md's lab figures come from
+# (torch 2.13.0+cpu, x86-64, 2 cores). Built again on that machine it is bit-identical, on 1
+# thread or 2; another torch or CPU may round the fine-tuning differently, and then the figures
+# are expected only within their seed spread.
+REFERENCE_FINGERPRINT = "cd0b1746a436c0eb6039718dd6e80d029a7a51b04a1429b10c2cb322914499da"
+
+
+def fingerprint(manifest: dict) -> str:
+    """sha256 over the base's and experts' tensors (each one's name, dtype, shape and bytes)."""
+    from safetensors.torch import load_file
+
+    digest = hashlib.sha256()
+    for path in [manifest["base"], *(entry["expert"] for entry in manifest["skills"].values())]:
+        tensors = load_file(os.path.join(path, "model.safetensors"))
+        for name in sorted(tensors):
+            tensor = tensors[name].contiguous()
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_reference(manifest: dict) -> bool:
+    """Say whether a default-recipe lab is the reference build (its figures then apply exactly)."""
+    if manifest["recipe"] != asdict(Recipe()):
+        return False
+    same = manifest["fingerprint"] == REFERENCE_FINGERPRINT
+    if same:
+        LOG.info("lab: bit-identical to the reference build: BENCHMARKS.md's lab figures apply as they are")
+    else:
+        LOG.warning("lab: this build differs from the reference build (torch %s on %s rounds the fine-tuning differently); "
+                    "lab figures may differ from BENCHMARKS.md's within their spread over seeds", torch.__version__, platform.machine())
+    return same
+
+
 def build(root: str, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
     """Build (or reuse) the lab in `root`; returns its manifest (also `root/lab.json`)."""
     from tqdm.auto import tqdm
@@ -220,6 +258,10 @@ def build(root: str, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
                 manifest.setdefault("lm_eval_tasks", write_lm_eval_tasks(root, manifest["skills"]))
                 manifest.setdefault("general_calibration", write_general_calibration(root, recipe, manifest["general"]))
                 atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+            if "fingerprint" not in manifest:  # a lab built before it had one
+                manifest["fingerprint"] = fingerprint(manifest)
+                atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+            check_reference(manifest)
             return manifest
 
     torch.manual_seed(recipe.seed)
@@ -258,5 +300,7 @@ def build(root: str, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
         bar.update()
     bar.close()
     manifest["lm_eval_tasks"] = write_lm_eval_tasks(root, manifest["skills"])
+    manifest["fingerprint"] = fingerprint(manifest)
     atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+    check_reference(manifest)
     return manifest

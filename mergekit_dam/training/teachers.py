@@ -106,12 +106,18 @@ def cache_bytes(train: Mapping[int, Sequence[Example]], vocab: int, dtype: torch
     return scored * vocab * (torch.finfo(dtype).bits // 8)
 
 
+def teacher_name(settings, cache_size: int) -> str:
+    """`settings.teacher`, with `auto` made concrete (and logged): `cached` when its
+    `cache_size` (bytes, from cache_bytes) fits CACHE_BUDGET_BYTES, else `online`."""
+    if settings.teacher != "auto":
+        return settings.teacher
+    name = "cached" if cache_size <= CACHE_BUDGET_BYTES else "online"
+    LOG.info("dam: teacher: auto is %s (the experts' logits at the scored tokens take %.2f GiB; cached up to %.0f GiB)",
+             name, cache_size / 2**30, CACHE_BUDGET_BYTES / 2**30)
+    return name
+
+
 def make_teacher(settings, logits: Logits, device: torch.device, cache_size: int = 0):
-    """The teacher of `settings.teacher`; `auto`: `cached` when its `cache_size` (bytes,
-    from cache_bytes) fits CACHE_BUDGET_BYTES, else `online`. Returns (teacher, its name)."""
-    name = settings.teacher
-    if name == "auto":
-        name = "cached" if cache_size <= CACHE_BUDGET_BYTES else "online"
-        LOG.info("dam: teacher: auto is %s (the experts' logits at the scored tokens take %.2f GiB; cached up to %.0f GiB)",
-                 name, cache_size / 2**30, CACHE_BUDGET_BYTES / 2**30)
+    """(the teacher of `settings.teacher`, its name); `auto` as teacher_name decides."""
+    name = teacher_name(settings, cache_size)
     return TEACHERS[name](logits, settings, device), name

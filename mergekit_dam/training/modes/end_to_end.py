@@ -44,7 +44,7 @@ from mergekit_dam.training.selection import (
     evaluation_interval,
     validation_chart,
 )
-from mergekit_dam.training.teachers import cache_bytes, make_teacher
+from mergekit_dam.training.teachers import cache_bytes, make_teacher, teacher_name
 from mergekit_dam.training.view import MergedModel
 
 LOG = logging.getLogger("mergekit_dam")
@@ -61,14 +61,15 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     view = build_view(job, device, dtype, ranks)
     raw = view.raw_parameters()
     steps = data.steps(settings)
-    plan = _check_memory(job, data, view, device, dtype, steps, ranks)
+    cache_size = cache_bytes({i: data.train[i] for i in data.experts}, job.out_config.vocab_size, dtype)
+    settings = settings.model_copy(update={"teacher": teacher_name(settings, cache_size)})
+    plan = _check_memory(job, data, view, device, dtype, steps, ranks, cache_size if settings.teacher == "cached" else 0)
 
     # forwards without gradients take as many sequences as a training micro-batch holds
     # (batch_size per expert), in fewer, larger batches: less memory than a training step
     # keeps, and far fewer launches per evaluation
     no_grad_batch = settings.batch_size * len(data.experts)
-    teacher, teacher_name = make_teacher(settings, lambda i, b: view.expert_logits(i, b.ids.to(device), b.mask.to(device)), device,
-                                         cache_bytes({i: data.train[i] for i in data.experts}, job.out_config.vocab_size, dtype))
+    teacher, _ = make_teacher(settings, lambda i, b: view.expert_logits(i, b.ids.to(device), b.mask.to(device)), device)
     for index, batches in data.chunks("train", no_grad_batch).items():
         teacher.prepare(index, batches)
 
@@ -118,7 +119,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
         seconds=time.perf_counter() - started, tokens_per_second=_tokens_per_second(history[checkpoints.first_step:], clock[0]),
         peak_memory_bytes=peak_memory(device), trainable_coefficients=sum(p.numel() for p in raw.values()),
         held_out_kl={"step_0_linear_average": kl_start, "final": kl_end}, loss_curve=_curve(history), estimate=plan,
-        validation=select.report(), lr=settings.lr, lr_probe=probe, teacher=teacher_name,
+        validation=select.report(), lr=settings.lr, lr_probe=probe, teacher=settings.teacher,
         tokens=sum(entry.get("tokens", 0) for entry in history) + probe_tokens,
     )
     checkpoints.remove()
@@ -139,8 +140,9 @@ def _join(settings):
     return distributed.setup(settings.train_device)
 
 
-def _check_memory(job, data: ExpertData, view: MergedModel, device, dtype, steps: int, ranks) -> dict:
-    """Log what will train and the estimate; stop before training when it cannot fit."""
+def _check_memory(job, data: ExpertData, view: MergedModel, device, dtype, steps: int, ranks, host_cache: int = 0) -> dict:
+    """Log what will train and the estimate; stop before training when it cannot fit.
+    `host_cache`: bytes the cached teacher will keep in host memory (counted on CPU)."""
     settings, world = job.settings, ranks.world if ranks else 1
     raw = view.raw_parameters()
     trainable = sum(p.numel() for p in raw.values())
@@ -156,6 +158,8 @@ def _check_memory(job, data: ExpertData, view: MergedModel, device, dtype, steps
     if resident:  # on CPU the process holds more than the stacks: measure it instead of the stacks' estimate
         memory = {name: size for name, size in plan["memory_bytes"].items() if name != "expert_weights"}
         memory["process_after_loading"] = resident  # runtime, expert stacks, checkpoint pages read into them
+        if host_cache:
+            memory["teacher_cache"] = host_cache
         plan = {**plan, "memory_bytes": memory, "peak_bytes": sum(memory.values())}
     LOG.info("dam: training %d coefficients (%d of %d tensors) for inputs %s; experts with data: %s",
              trainable, len(raw), len(job.tensors), job.rows, [job.rows[i] for i in data.experts])
