@@ -69,7 +69,7 @@ import numpy as np
 import torch
 import yaml
 
-from mergekit_dam.training.data import collate
+from mergekit_dam.tools.compare import Scorer
 
 METHODS = ("task_arithmetic", "ties", "linear")
 FITNESS = ("both", "accuracy", "nll")
@@ -136,45 +136,25 @@ def calibration_examples(manifest: dict, limit: Optional[int] = None) -> Dict[st
 
 
 class CalibrationFitness:
-    """Exact match and answer NLL per skill from one teacher-forced forward per example."""
+    """Exact match and answer NLL per skill from one teacher-forced forward per example
+    (compare.Scorer.teacher_forced, on the model in memory)."""
 
     def __init__(self, tokenizer, examples: Dict[str, List[Tuple[str, str]]], fitness: str = "both", chunk: int = 256):
         if fitness not in FITNESS:
             raise ValueError(f"fitness must be one of {FITNESS}")
         self.fitness, self.chunk = fitness, chunk
         self.tokenizer = tokenizer
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.rows = {skill: self.encode(pairs) for skill, pairs in examples.items()}  # skill -> [(ids, answer start)]
-        self.tokens = sum(len(ids) for rows in self.rows.values() for ids, _ in rows)  # forward tokens per evaluation
+        self.records = {skill: [{"prompt": p, "answer": a} for p, a in pairs] for skill, pairs in examples.items()}
+        # forward tokens per evaluation: prompt + answer + end-of-sequence token
+        self.tokens = sum(len(tokenizer(p)["input_ids"]) + len(tokenizer(a, add_special_tokens=False)["input_ids"]) + 1
+                          for pairs in examples.values() for p, a in pairs)
 
-    def encode(self, pairs: List[Tuple[str, str]]) -> List[Tuple[List[int], int]]:
-        """(prompt + answer + end-of-sequence token ids, where the answer starts) per pair."""
-        rows = []
-        for prompt, answer in pairs:
-            head = self.tokenizer(prompt)["input_ids"]
-            rows.append((head + self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id], len(head)))
-        return rows
-
-    @torch.no_grad()
-    def skill_scores(self, model, rows: List[Tuple[List[int], int]]) -> Dict[str, float]:
-        correct, nll, scored = 0, 0.0, 0
-        for begin in range(0, len(rows), self.chunk):
-            part = rows[begin: begin + self.chunk]
-            ids, mask = collate([r[0] for r in part], self.pad)  # right padding: positions need no care
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()[:, :-1]
-            targets = ids[:, 1:]
-            positions = torch.arange(1, ids.shape[1])[None]
-            answer = (positions >= torch.tensor([r[1] for r in part])[:, None]) & (mask[:, 1:] == 1)
-            log_probs = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
-            greedy = logits.argmax(-1) == targets
-            correct += int((greedy | ~answer).all(-1).sum())
-            nll -= float(log_probs[answer].sum())
-            scored += int(answer.sum())
-        return {"accuracy": correct / len(rows), "nll": nll / max(scored, 1)}
+    def skill_scores(self, model, records: List[dict]) -> Dict[str, float]:
+        return Scorer.of(model, self.tokenizer, next(model.parameters()).device).teacher_forced(records, self.chunk)
 
     def __call__(self, model) -> dict:
         """{"fitness": higher is better, "skills": {skill: {accuracy, nll}}, "tokens"}."""
-        skills = {skill: self.skill_scores(model, rows) for skill, rows in self.rows.items()}
+        skills = {skill: self.skill_scores(model, records) for skill, records in self.records.items()}
         accuracy = sum(s["accuracy"] for s in skills.values()) / len(skills)
         nll = sum(s["nll"] for s in skills.values()) / len(skills)
         fitness = {"both": accuracy - nll, "accuracy": accuracy, "nll": -nll}[self.fitness]

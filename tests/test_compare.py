@@ -35,6 +35,19 @@ def test_metrics_match_hand_computation(families, tmp_path):
     expected = -sum(log_probs[i - 1, ids[i]].item() for i in range(start, len(ids))) / (len(ids) - start)
     assert abs(scorer.nll([{"prompt": prompt, "answer": answer}]) - expected) < 1e-5
 
+    # teacher-forced: the same NLL, and a record counts when every answer token (and EOS) is the argmax
+    records = [{"prompt": "ab", "answer": "cd"}, {"prompt": "x", "answer": scorer.greedy(["x"], 3)[0]}, {"prompt": "hello", "answer": "q"}]
+    hits = []
+    for record in records:
+        head = tokenizer(record["prompt"])["input_ids"]
+        full = head + tokenizer(record["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            argmax = model(input_ids=torch.tensor([full])).logits[0].argmax(-1)
+        hits.append(all(argmax[i - 1].item() == full[i] for i in range(len(head), len(full))))
+    forced = scorer.teacher_forced(records, chunk=2)
+    assert forced["accuracy"] == sum(hits) / len(records)
+    assert abs(scorer.teacher_forced(records[:1])["nll"] - expected) < 1e-5
+
     # greedy decoding (batched, left-padded) equals transformers' own generate, per prompt
     prompts = ["xy", "hello there"]
     ours = scorer.greedy(prompts, 4)

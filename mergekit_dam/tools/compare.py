@@ -87,10 +87,16 @@ class Scorer:
         ids, mask, positions = self._batch(sequences)
         return self._logits(ids, mask, positions), mask
 
-    @torch.no_grad()
     def nll(self, records: List[dict], chunk: int = 8) -> float:
         """Mean NLL per scored token: answer + EOS for answer records, every token but the first for text."""
-        total, count = 0.0, 0
+        return self.teacher_forced(records, chunk)["nll"]
+
+    @torch.no_grad()
+    def teacher_forced(self, records: List[dict], chunk: int = 8) -> dict:
+        """From one forward per chunk: the mean NLL per scored token ("nll"; answer + EOS for
+        answer records, every token but the first for text) and the share of records whose
+        every scored token is the greedy choice given the true prefix ("accuracy")."""
+        total, count, correct = 0.0, 0, 0
         for begin in range(0, len(records), chunk):
             sequences, starts = [], []
             for record in records[begin : begin + chunk]:
@@ -103,13 +109,15 @@ class Scorer:
                     sequences.append(self.encode(record["text"]))
                     starts.append(1)
             ids, mask, positions = self._batch(sequences)
-            logits = self._logits(ids, mask, positions)
-            token_log_probs = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+            logits = self._logits(ids, mask, positions)[:, :-1]
+            targets = ids[:, 1:]
+            token_log_probs = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
             positions = torch.arange(ids.shape[1] - 1, device=ids.device)[None] + 1
             scored = (positions >= torch.tensor(starts, device=ids.device)[:, None]) & (mask[:, 1:] == 1)
             total -= float(token_log_probs[scored].sum())
             count += int(scored.sum())
-        return total / max(count, 1)
+            correct += int(((logits.argmax(-1) == targets) | ~scored).all(-1).sum())
+        return {"nll": total / max(count, 1), "accuracy": correct / max(len(records), 1)}
 
     @torch.no_grad()
     def greedy(self, prompts: List[str], max_new_tokens: int) -> List[str]:
