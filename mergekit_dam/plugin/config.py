@@ -93,9 +93,9 @@ class DamSettings(BaseModel):
 
     # The optimizer: AdamW on float32 coefficients.
     lr: Union[float, Literal["auto"]] = Field("auto", description=(
-        "AdamW learning rate of the float32 coefficients; `auto`: before training, a few steps at each of 1e-3, 3e-3, "
-        "1e-2, 3e-2 and 0.1 from the same start, and the rate with the lowest validation KL is used (logged; "
-        "`mode: layerwise` has no validation KL and uses 1e-2)"))
+        "AdamW learning rate of the float32 coefficients; `auto`: before training, a few steps at a rate of the grid "
+        "1e-3, 3e-3, 1e-2, 3e-2, 0.1 from the same start, climbing from 1e-2 toward lower validation KL until it rises, "
+        "and the rate with the lowest KL is used (logged; `mode: layerwise` has no validation KL and uses 1e-2)"))
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     warmup_steps: int = Field(0, ge=0, description="steps of linear learning-rate warmup")
     schedule: Literal["constant", "linear", "cosine"] = Field("constant", description=(

@@ -1,8 +1,10 @@
 """`lr: auto`: the learning rate chosen by a short probe from the run's own start.
 
 Each candidate rate trains the coefficients for a few steps from the same start, on the
-same batches the run itself begins with; the one with the lowest validation KL wins and
-the coefficients go back to the start. Coefficients are O(1/N) numbers that Adam moves by
+same batches the run itself begins with, and is scored on validation KL; the coefficients
+go back to the start after each. The candidates are a grid searched by a climb from its
+middle toward lower KL, which stops where the next rate is worse: the grid's best rate when
+KL has one valley over it, after 3 or 4 rates instead of 5. Coefficients are O(1/N) numbers that Adam moves by
 about `lr` per step whatever the model, so one grid serves every model size; what varies
 is how far they may move before the merge gets worse, which the probe measures. The
 choice depends only on the config, the seed and the device, so a resumed run repeats it.
@@ -30,28 +32,48 @@ def probe_steps(steps: int) -> int:
     return max(5, min(25, steps // 10))
 
 
+def climb(score: Callable[[float], float], candidates: Sequence[float] = CANDIDATES, start: int = 2) -> Dict[float, float]:
+    """Scores of the rates a descent over the ascending grid evaluates: `start` and the one
+    above it, then on in the better direction while the score keeps falling (ties and
+    divergence, inf, count as not falling). Returns {rate: score} in evaluation order."""
+    scores = {rate: score(rate) for rate in candidates[start : start + 2]}
+    step = 1 if len(scores) > 1 and scores[candidates[start + 1]] < scores[candidates[start]] else -1
+    at = start + 1 if step == 1 else start
+    while 0 <= at + step < len(candidates):
+        nxt = candidates[at + step]
+        scores[nxt] = score(nxt)
+        if not scores[nxt] < scores[candidates[at]]:
+            break
+        at += step
+    return scores
+
+
 def choose_lr(stage: Stage, settings, validate: Callable[[], Dict[str, float]], *, ranks=None,
               quiet: bool = False) -> Tuple[float, Dict[str, Optional[float]], int]:
-    """Run `stage.steps` steps at each candidate rate from the current coefficients (put
-    back after each), score validate() (KL per expert row); (the best rate, the mean
-    validation KL per rate, the tokens the probe trained on)."""
+    """Run `stage.steps` steps at each rate the climb visits, from the current coefficients
+    (put back after each), scored by validate() (KL per expert row); (the best rate, the
+    mean validation KL per visited rate, ascending, the tokens the probe trained on)."""
     start = [p.detach().clone() for p in stage.params]
     probe = settings.model_copy(update={"warmup_steps": 0, "schedule": "constant", "checkpoint_minutes": 0, "checkpoint_every": 0})
-    scores, tokens = {}, 0
-    with tqdm(total=len(CANDIDATES) * stage.steps, desc="DAM lr probe", disable=quiet) as progress:
-        for lr in CANDIDATES:
-            try:
-                history = fit(stage, probe.model_copy(update={"lr": lr}), progress, ranks=ranks)
-                tokens += sum(entry["tokens"] for entry in history)
-                kl = validate()
-                mean = sum(kl.values()) / max(1, len(kl))
-            except NonFiniteLoss:  # this rate diverges
-                mean = float("inf")
-            scores[lr] = mean if math.isfinite(mean) else float("inf")
-            with torch.no_grad():
-                for param, value in zip(stage.params, start):
-                    param.copy_(value)
-    best = min(CANDIDATES, key=lambda lr: scores[lr])  # ties: the smaller rate (the grid is ascending)
+    tokens = [0]
+    progress = tqdm(total=4 * stage.steps, desc="DAM lr probe", disable=quiet)  # the climb visits 3 or 4 rates
+
+    def score(lr: float) -> float:
+        try:
+            history = fit(stage, probe.model_copy(update={"lr": lr}), progress, ranks=ranks)
+            tokens[0] += sum(entry["tokens"] for entry in history)
+            kl = validate()
+            mean = sum(kl.values()) / max(1, len(kl))
+        except NonFiniteLoss:  # this rate diverges
+            mean = float("inf")
+        with torch.no_grad():
+            for param, value in zip(stage.params, start):
+                param.copy_(value)
+        return mean if math.isfinite(mean) else float("inf")
+
+    with progress:
+        scores = dict(sorted(climb(score).items()))
+    best = min(scores, key=lambda lr: (scores[lr], lr))  # ties: the smaller rate
     LOG.info("dam: lr: auto chose %g after %d probe steps per rate (validation KL %s)", best, stage.steps,
-             ", ".join(f"{lr:g}: {score:.4f}" for lr, score in scores.items()))
-    return best, {f"{lr:g}": score if math.isfinite(score) else None for lr, score in scores.items()}, tokens  # None: diverged
+             ", ".join(f"{lr:g}: {value:.4f}" for lr, value in scores.items()))
+    return best, {f"{lr:g}": value if math.isfinite(value) else None for lr, value in scores.items()}, tokens[0]  # None: diverged
