@@ -255,7 +255,7 @@ def chart(results: dict, path: str, highlight: Optional[List[str]] = None) -> st
     if harness:
         panels.append(("lm-eval scores", [lm_eval_label(task, metric, "\n") for task, metric in harness],
                        lambda name: [results[name]["lm_eval"][task][metric] for task, metric in harness]))
-    extra = 2 if any("compute" in results[name] for name in names) else 0
+    extra = 2 if has_compute({name: results[name] for name in names}) else 0
     figure, axes = plt.subplots(1, len(panels) + extra, figsize=(6.5 * (len(panels) + extra), 4.8))
     width = 0.8 / len(names)
     if extra:

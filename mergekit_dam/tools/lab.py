@@ -254,12 +254,14 @@ def build(root: str, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
         with open(manifest_path, encoding="utf-8") as handle:
             manifest = json.load(handle)
         if manifest.get("recipe") == asdict(recipe):
-            if "lm_eval_tasks" not in manifest or "general_calibration" not in manifest:  # a lab built before them
-                manifest.setdefault("lm_eval_tasks", write_lm_eval_tasks(root, manifest["skills"]))
-                manifest.setdefault("general_calibration", write_general_calibration(root, recipe, manifest["general"]))
-                atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
-            if "fingerprint" not in manifest:  # a lab built before it had one
+            before = dict(manifest)  # a lab built before these entries gets them, its models kept
+            if "lm_eval_tasks" not in manifest:
+                manifest["lm_eval_tasks"] = write_lm_eval_tasks(root, manifest["skills"])
+            if "general_calibration" not in manifest:
+                manifest["general_calibration"] = write_general_calibration(root, recipe, manifest["general"])
+            if "fingerprint" not in manifest:
                 manifest["fingerprint"] = fingerprint(manifest)
+            if manifest != before:
                 atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
             check_reference(manifest)
             return manifest
