@@ -205,6 +205,8 @@ def main():
     parser.add_argument("--dam", action="append", default=[], metavar="NAME:key=value,...",
                         help="a DAM run over the package defaults (default: one run, `dam`, at the defaults)")
     parser.add_argument("--no-simple", action="store_true", help="skip the simple merges")
+    parser.add_argument("--dam-first", action="store_true",
+                        help="merge DAM before the simple merges (when a deadline may cut the run short)")
     parser.add_argument("--deadline", type=float, help="seconds after the start past which no merge is started")
     args = parser.parse_args()
     if args.device == "cpu":
@@ -242,8 +244,10 @@ def main():
     results = score(models, suite, args.device)
     publish(results)
     simple = {} if args.no_simple else dict(SIMPLE_MERGES)
-    # the simple merges first and scored together; each DAM run is scored as soon as it is merged
-    batches = ([simple] if simple else []) + [{name: spec} for name, spec in dam_runs(args.dam or ["dam:"]).items()]
+    # each merge is scored as soon as it is made, so that a run cut short keeps what it scored
+    dam = [{name: spec} for name, spec in dam_runs(args.dam or ["dam:"]).items()]
+    simple = [{name: spec} for name, spec in simple.items()]
+    batches = dam + simple if args.dam_first else simple + dam
     os.makedirs(os.path.join(args.work, "merges"), exist_ok=True)
     for batch in batches:
         merged = {}

@@ -43,6 +43,8 @@ run)
     echo "$GGUF_MD5  /tmp/smol.gguf" | md5sum -c || exit 1
     OUT="${OUT:-$PWD/real-model-out}"
     mkdir -p "$OUT"
+    # the GPU's load while it runs: a small model's DAM step has been host-bound
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 > "$OUT/gpu_util.csv" 2>&1 &
     PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 python3 benchmarks/real_model.py --work /tmp/dam-real --out "$OUT" --gguf /tmp/smol.gguf \
         --expert-steps 600 --expert-batch 32 --expert-check 50 --train 1024 --validation 64 --held-out 128 \
         --deadline "$deadline" "$@" 2>&1 | grep --line-buffered -v "Loading weights\|Converting and\|Writing model" | tee "$OUT/real_model.log"
