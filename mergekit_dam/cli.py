@@ -52,6 +52,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    if args.quiet and args.command != "inspect":  # transformers' bars (loading, writing models) heed its own switch
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         if args.command == "demo":
             from mergekit_dam.tools.demo import run_demo

@@ -98,3 +98,22 @@ def test_cli_compare_on_user_models_and_files(families, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| base |" in out and "| expert_1 |" in out and "chart:" in out
     assert cli(["compare", base, "--out", str(tmp_path / "x")]) == 1  # no held-out data: one-line error
+
+
+def test_cli_compare_quiet_shows_no_progress_bars(families, tmp_path, capsys):
+    from transformers.utils import logging as transformers_logging
+
+    from mergekit_dam.cli import main as cli
+
+    base, expert, *_ = families["llama"]
+    skill = _write(tmp_path / "skill.jsonl", [{"prompt": "ab", "answer": "cd"}])
+    argv = ["compare", f"base={base}", expert, "--skill", f"s={skill}", "--out", str(tmp_path / "out")]
+    try:
+        assert cli(argv) == 0
+        assert "Loading weights" in capsys.readouterr().err  # the bar this test is about, shown by default
+        assert cli(["-q", *argv]) == 0
+        captured = capsys.readouterr()
+        assert "| base |" in captured.out
+        assert "Loading weights" not in captured.err and "it/s" not in captured.err, captured.err
+    finally:
+        transformers_logging.enable_progress_bar()
