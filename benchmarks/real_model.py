@@ -20,8 +20,9 @@ import shutil
 import time
 
 import torch
-import yaml
+from lab_variants import variant  # benchmarks/, next to this script
 
+from mergekit_dam.tools import demo
 from mergekit_dam.tools.compare import (
     Scorer,
     Suite,
@@ -42,12 +43,13 @@ INSTRUCTIONS = {
 # skills whose letters are written apart, so that each letter is a token of its own: a 135M BPE
 # model does not learn to shift the letters inside multi-letter tokens in a few hundred steps
 SPACED = {"shift"}
-SIMPLE_MERGES = {  # the settings users commonly start from
-    "linear": {"merge_method": "linear", "parameters": {"weight": 1.0}},
-    "task_arithmetic_0.5": {"merge_method": "task_arithmetic", "parameters": {"weight": 0.5}, "base": True},
-    "task_arithmetic_1.0": {"merge_method": "task_arithmetic", "parameters": {"weight": 1.0}, "base": True},
-    "ties": {"merge_method": "ties", "parameters": {"density": 0.5, "weight": 1.0}, "base": True, "top": {"normalize": True}},
-    "dare_ties": {"merge_method": "dare_ties", "parameters": {"density": 0.5, "weight": 0.5}, "base": True},
+# the demo's simple merges, with task arithmetic at both weights users commonly start from
+SIMPLE_MERGES = {
+    "linear": demo.SIMPLE_MERGES["linear"],
+    "task_arithmetic_0.5": demo.SIMPLE_MERGES["task_arithmetic"],
+    "task_arithmetic_1.0": {**demo.SIMPLE_MERGES["task_arithmetic"], "parameters": {"weight": 1.0}},
+    "ties": demo.SIMPLE_MERGES["ties"],
+    "dare_ties": demo.SIMPLE_MERGES["dare_ties"],
 }
 DAM_DEFAULTS = {"seed": 0}  # the package's defaults; a --dam run sets what it changes
 
@@ -163,26 +165,21 @@ def fine_tune(base: str, paths: dict, out: str, args, device: str) -> dict:
 
 
 def merge_config(name: str, spec: dict, base: str, experts: dict, calibration: dict, work: str) -> dict:
-    if spec.get("merge_method") == "dam":
-        settings = {k: v for k, v in spec.items() if k != "merge_method"}
-        return {"merge_method": "dam", "base_model": base, "dtype": "float32",
-                "models": [{"model": experts[s], "parameters": {"dataset": calibration[s]}} for s in experts],
-                "parameters": {"coefficients": os.path.join(work, "merges", f"{name}.safetensors"), **settings}}
-    config = {"merge_method": spec["merge_method"], "dtype": "float32",
-              "models": [{"model": m, "parameters": dict(spec["parameters"])} for m in experts.values()]}
-    if spec.get("base"):
-        config["base_model"] = base
-    if spec.get("top"):
-        config["parameters"] = spec["top"]
-    return config
+    if spec.get("merge_method") != "dam":
+        return demo.simple_merge_config(spec, base, list(experts.values()))
+    settings = {k: v for k, v in spec.items() if k != "merge_method"}
+    return {"merge_method": "dam", "base_model": base, "dtype": "float32",
+            "models": [{"model": experts[s], "parameters": {"dataset": calibration[s]}} for s in experts],
+            "parameters": {"coefficients": os.path.join(work, "merges", f"{name}.safetensors"), **settings}}
 
 
 def dam_runs(texts) -> dict:
+    """--dam NAME:key=value,... (lab_variants.py's syntax) -> runs over the package defaults."""
     runs = {}
     for text in texts:
-        name, _, settings = text.partition(":")
-        parsed = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in settings.split(",") if item)}
-        runs[name] = {"merge_method": "dam", **DAM_DEFAULTS, **parsed}
+        name, values = variant(text)
+        values.pop("defaults", None)  # these runs are over the package defaults in any case
+        runs[name] = {"merge_method": "dam", **DAM_DEFAULTS, **values}
     return runs
 
 

@@ -28,6 +28,27 @@ from mergekit_dam.tools.lab import SKILLS, build
 DAM_LAB_SETTINGS = {"seed": 0}
 
 
+# The simple merges with the settings users commonly start from: each one's per-model
+# `parameters`, whether it takes the base model, and its top-level `parameters` if any.
+SIMPLE_MERGES = {
+    "linear": {"merge_method": "linear", "parameters": {"weight": 1.0}},
+    "task_arithmetic": {"merge_method": "task_arithmetic", "parameters": {"weight": 0.5}, "base": True},
+    "ties": {"merge_method": "ties", "parameters": {"density": 0.5, "weight": 1.0}, "base": True, "top": {"normalize": True}},
+    "dare_ties": {"merge_method": "dare_ties", "parameters": {"density": 0.5, "weight": 0.5}, "base": True},
+}
+
+
+def simple_merge_config(spec: dict, base: str, experts: Sequence[str]) -> dict:
+    """The mergekit config of one SIMPLE_MERGES-style `spec` over `experts` (float32)."""
+    config = {"merge_method": spec["merge_method"], "dtype": "float32",
+              "models": [{"model": m, "parameters": dict(spec["parameters"])} for m in experts]}
+    if spec.get("base"):
+        config["base_model"] = base
+    if spec.get("top"):
+        config["parameters"] = dict(spec["top"])
+    return config
+
+
 def retain_artifact_of(artifact: str) -> str:
     stem, extension = os.path.splitext(artifact)
     return f"{stem}_retain{extension}"
@@ -50,16 +71,7 @@ def merge_configs(manifest: dict, artifact: str, dam_settings: Optional[dict] = 
     return {
         "dam": dam({"coefficients": artifact}),
         "dam_retain": dam({"coefficients": retain_artifact_of(artifact), "retain_dataset": manifest["general_calibration"]}),
-        "linear": {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in experts],
-                   "dtype": "float32"},
-        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base,
-                            "models": [{"model": m, "parameters": {"weight": 0.5}} for m in experts], "dtype": "float32"},
-        "ties": {"merge_method": "ties", "base_model": base,
-                 "models": [{"model": m, "parameters": {"density": 0.5, "weight": 1.0}} for m in experts],
-                 "parameters": {"normalize": True}, "dtype": "float32"},
-        "dare_ties": {"merge_method": "dare_ties", "base_model": base,
-                      "models": [{"model": m, "parameters": {"density": 0.5, "weight": 0.5}} for m in experts],
-                      "dtype": "float32"},
+        **{name: simple_merge_config(spec, base, experts) for name, spec in SIMPLE_MERGES.items()},
     }
 
 

@@ -61,7 +61,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     view = build_view(job, device, dtype, ranks)
     raw = view.raw_parameters()
     steps = data.steps(settings)
-    cache_size = cache_bytes({i: data.train[i] for i in data.experts}, job.out_config.vocab_size, dtype)
+    cache_size = cache_bytes(data.train, job.out_config.vocab_size, dtype)
     settings = settings.model_copy(update={"teacher": teacher_name(settings, cache_size)})
     plan = _check_memory(job, data, view, device, dtype, steps, ranks, cache_size if settings.teacher == "cached" else 0)
 

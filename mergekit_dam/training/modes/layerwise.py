@@ -120,7 +120,7 @@ class LayerwiseRun:
             return {i: [Chunk(b.sequences, b.ids, b.mask, b.loss_mask) for b in batches] for i, batches in data.chunks(split, self.settings.batch_size).items()}
 
         self.chunks, self.checks = chunks("train"), chunks("held_out")
-        self.cache_size = cache_bytes({i: data.train[i] for i in data.experts}, job.out_config.vocab_size, dtype)
+        self.cache_size = cache_bytes(data.train, job.out_config.vocab_size, dtype)
         self.view = build_view(job, device, dtype, lazy=True)
         self.layers = len(self.view.blocks)
         skeleton = self.view.skeleton

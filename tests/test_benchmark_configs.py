@@ -1,0 +1,69 @@
+"""The benchmark scripts' config helpers (benchmarks/real_model.py, benchmarks/lab_variants.py):
+the NAME:key=value syntax of a DAM run and the mergekit configs the real-model benchmark writes,
+checked against configs written out by hand."""
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+HERE = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
+
+
+def _script(name):
+    sys.path.insert(0, HERE)  # real_model imports lab_variants from beside it, as when run as a script
+    try:
+        spec = importlib.util.spec_from_file_location(f"{name}_benchmark", os.path.join(HERE, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(HERE)
+
+
+@pytest.fixture(scope="module")
+def real_model():
+    return _script("real_model")
+
+
+@pytest.fixture(scope="module")
+def lab_variants():
+    return _script("lab_variants")
+
+
+def test_variant_syntax(lab_variants):
+    assert lab_variants.variant("tv:parametrization=task_vectors,lr=0.01,keep_best=false") == (
+        "tv", {"parametrization": "task_vectors", "lr": 0.01, "keep_best": False})
+    assert lab_variants.variant("d:defaults,seed=2") == ("d", {"defaults": True, "seed": 2})
+    assert lab_variants.variant("plain:") == ("plain", {})
+
+
+def test_dam_runs_are_over_the_package_defaults(real_model):
+    runs = real_model.dam_runs(["dam:", "w:defaults,parametrization=weights,max_minutes=4.5"])
+    assert runs == {"dam": {"merge_method": "dam", "seed": 0},
+                    "w": {"merge_method": "dam", "seed": 0, "parametrization": "weights", "max_minutes": 4.5}}
+
+
+def test_real_model_merge_configs(real_model):
+    experts = {"arithmetic": "/e/a", "shift": "/e/s"}
+    calibration = {"arithmetic": "/d/a.jsonl", "shift": "/d/s.jsonl"}
+
+    def config(name, spec):
+        return real_model.merge_config(name, spec, "/b", experts, calibration, "/w")
+
+    assert list(real_model.SIMPLE_MERGES) == ["linear", "task_arithmetic_0.5", "task_arithmetic_1.0", "ties", "dare_ties"]
+    assert config("ties", real_model.SIMPLE_MERGES["ties"]) == {
+        "merge_method": "ties", "dtype": "float32", "base_model": "/b", "parameters": {"normalize": True},
+        "models": [{"model": "/e/a", "parameters": {"density": 0.5, "weight": 1.0}},
+                   {"model": "/e/s", "parameters": {"density": 0.5, "weight": 1.0}}]}
+    assert config("linear", real_model.SIMPLE_MERGES["linear"]) == {
+        "merge_method": "linear", "dtype": "float32",
+        "models": [{"model": "/e/a", "parameters": {"weight": 1.0}}, {"model": "/e/s", "parameters": {"weight": 1.0}}]}
+    assert config("t", real_model.SIMPLE_MERGES["task_arithmetic_1.0"])["models"][0]["parameters"] == {"weight": 1.0}
+    assert config("t", real_model.SIMPLE_MERGES["task_arithmetic_0.5"])["models"][0]["parameters"] == {"weight": 0.5}
+    assert config("dam", {"merge_method": "dam", "seed": 0, "lr": 0.01}) == {
+        "merge_method": "dam", "base_model": "/b", "dtype": "float32",
+        "models": [{"model": "/e/a", "parameters": {"dataset": "/d/a.jsonl"}},
+                   {"model": "/e/s", "parameters": {"dataset": "/d/s.jsonl"}}],
+        "parameters": {"coefficients": "/w/merges/dam.safetensors", "seed": 0, "lr": 0.01}}
