@@ -6,7 +6,7 @@ import torch
 
 from mergekit_dam.plugin.config import DamError, ModelSettings
 from mergekit_dam.tools.tiny import make_tokenizer
-from mergekit_dam.training.data import collate, tokenize
+from mergekit_dam.training.data import collate, collate_examples, tokenize
 
 CHAT = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
 
@@ -122,6 +122,27 @@ def test_hub_dataset_ids_pass_config_and_split(monkeypatch, tokenizer):
 
 def answer_text(tokenizer, example):
     return tokenizer.decode([t for t, a in zip(example.ids, example.answer) if a])
+
+
+def test_the_loss_is_on_the_logits_that_predict_the_answer(tmp_path, tokenizer):
+    """Position j's logits predict token j + 1: the scored positions must be the ones whose next
+    token is an answer token (the first from the prompt's last position), and the answer's
+    last, which predicts where it ends. Checked against the answer text itself."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "what is two plus two", "response": "four five"},
+                                                  {"prompt": "say", "response": "red"}])
+    examples = ids(tokenizer, pairs)
+    _, _, loss_mask = collate_examples(examples, 0)
+    for row, example in enumerate(examples):
+        scored = loss_mask[row, : len(example)].nonzero()[:, 0].tolist()
+        *predicting, last = scored
+        assert scored == list(range(scored[0], last + 1))  # one span
+        prompt = tokenizer.decode(example.ids[: predicting[0] + 1], skip_special_tokens=True)
+        assert prompt.endswith("\n") and prompt.rstrip("\n") in ("what is two plus two", "say")
+        answer = tokenizer.decode([example.ids[j + 1] for j in predicting], skip_special_tokens=True)
+        assert answer == {"what is two plus two": "four five", "say": "red"}[prompt.rstrip("\n")]
+        assert last == len(example) - 1  # the answer ends the record: its last position says so
+    plain = collate_examples(ids(tokenizer, write_jsonl(tmp_path / "p.jsonl", [{"text": "alpha one"}])), 0)
+    assert torch.equal(plain[2], plain[1])  # plain text: every real position
 
 
 def test_prompt_response_and_alpaca_score_the_answer_only(tmp_path, tokenizer):

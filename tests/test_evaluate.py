@@ -38,7 +38,8 @@ def test_the_kl_is_a_mean_over_tokens_whatever_the_batching():
     for k, example in enumerate(examples):
         s, p = student([k], len(example))[0].double() / t, teacher([k], len(example))[0].double() / t
         per_token = (p.softmax(-1) * (p.log_softmax(-1) - s.log_softmax(-1))).sum(-1) * t**2
-        scored = torch.ones(len(example)) if example.answer is None else torch.tensor(example.answer, dtype=torch.double)
+        # the positions that predict the two answer tokens, and the answer's last (where it ends)
+        scored = torch.ones(len(example)) if example.answer is None else torch.tensor([0] * (len(example) - 3) + [1, 1, 1], dtype=torch.double)
         expected_total += float((per_token * scored).sum())
         expected_count += int(scored.sum())
     expected = expected_total / expected_count

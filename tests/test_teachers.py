@@ -54,6 +54,9 @@ def test_online_target_is_the_expert_logits_without_grad():
 
 
 ANSWERED = [Example([5, 6, 7], [0, 1, 1]), Example([8, 9]), Example([1, 2, 3, 4], [0, 0, 1, 0])]
+# the positions whose logits the loss is on, by hand: those that predict an answer token, and
+# the answer's last (it predicts where the answer ends); plain text: all
+SCORED = [[1, 1, 1], [1, 1], [0, 1, 1, 0]]
 
 
 def test_cached_target_is_the_expert_logits_at_the_scored_tokens_in_any_grouping():
@@ -73,14 +76,14 @@ def test_cached_target_is_the_expert_logits_at_the_scored_tokens_in_any_grouping
     for row, sequence in enumerate(batch.sequences):
         alone = logits_of(2, Batch.of(ANSWERED, [sequence], 0))[0]
         example = ANSWERED[sequence]
-        scored = torch.tensor(example.answer if example.answer is not None else [1] * len(example), dtype=torch.bool)
+        scored = torch.tensor(SCORED[sequence], dtype=torch.bool)
         torch.testing.assert_close(target[row, : len(example)][scored], alone[scored])
         assert not target[row, : len(example)][~scored].any() and not target[row, len(example):].any()
 
 
 def test_cache_bytes_counts_one_row_of_logits_per_scored_token():
-    assert cache_bytes({0: ANSWERED}, 10, torch.float32) == (2 + 2 + 1) * 10 * 4
-    assert cache_bytes({0: ANSWERED, 3: ANSWERED[:1]}, 10, torch.bfloat16) == (5 + 2) * 10 * 2
+    assert cache_bytes({0: ANSWERED}, 10, torch.float32) == (3 + 2 + 2) * 10 * 4
+    assert cache_bytes({0: ANSWERED, 3: ANSWERED[:1]}, 10, torch.bfloat16) == (7 + 3) * 10 * 2
 
 
 @pytest.mark.parametrize("size, expected", [(0, "cached"), (teachers.CACHE_BUDGET_BYTES, "cached"),

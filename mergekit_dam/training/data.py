@@ -240,8 +240,18 @@ def collate_examples(examples: Sequence[Example], pad_id: int) -> Tuple[torch.Te
     loss_mask = mask.clone()
     for row, example in enumerate(examples):
         if example.answer is not None:
-            loss_mask[row, : len(example.answer)] = torch.tensor(example.answer, dtype=loss_mask.dtype)
+            loss_mask[row, : len(example)] = torch.tensor(scored_positions(example), dtype=loss_mask.dtype)
     return ids, mask, loss_mask
+
+
+def scored_positions(example: Example) -> List[int]:
+    """1 at each position whose logits the loss is taken on; plain text: every position.
+    Position j's logits predict token j + 1, so for a record with an answer these are the
+    positions that predict an answer token (the first one from the prompt's last position)
+    and the answer's last position, which predicts what follows it: where the answer ends."""
+    if example.answer is None:
+        return [1] * len(example)
+    return [int(here or after) for here, after in zip(example.answer, example.answer[1:] + [0])]
 
 
 @dataclass

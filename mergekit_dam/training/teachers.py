@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterable, Mapping, Sequence, Tuple
 
 import torch
 
-from mergekit_dam.training.data import Batch, Example
+from mergekit_dam.training.data import Batch, Example, scored_positions
 
 Logits = Callable[[int, Batch], torch.Tensor]
 LOG = logging.getLogger("mergekit_dam")
@@ -102,7 +102,7 @@ TEACHERS = {"online": Online, "cached": Cached, "topk": TopK}
 
 def cache_bytes(train: Mapping[int, Sequence[Example]], vocab: int, dtype: torch.dtype) -> int:
     """What `Cached` keeps for these training sets: one row of logits per scored token."""
-    scored = sum(len(e) if e.answer is None else sum(e.answer) for examples in train.values() for e in examples)
+    scored = sum(sum(scored_positions(e)) for examples in train.values() for e in examples)
     return scored * vocab * (torch.finfo(dtype).bits // 8)
 
 
