@@ -108,6 +108,7 @@ def test_cli_compare_quiet_shows_no_progress_bars(families, tmp_path, capsys):
     base, expert, *_ = families["llama"]
     skill = _write(tmp_path / "skill.jsonl", [{"prompt": "ab", "answer": "cd"}])
     argv = ["compare", f"base={base}", expert, "--skill", f"s={skill}", "--out", str(tmp_path / "out")]
+    transformers_logging.enable_progress_bar()  # transformers' default, which an earlier `-q` in this process may have switched
     try:
         assert cli(argv) == 0
         assert "Loading weights" in capsys.readouterr().err  # the bar this test is about, shown by default
