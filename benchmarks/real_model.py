@@ -240,33 +240,27 @@ def main():
 
     results = score(models, suite, args.device)
     publish(results)
-    simple = {} if args.no_simple else dict(SIMPLE_MERGES)
     # each merge is scored as soon as it is made, so that a run cut short keeps what it scored
-    dam = [{name: spec} for name, spec in dam_runs(args.dam or ["dam:"]).items()]
-    simple = [{name: spec} for name, spec in simple.items()]
-    batches = dam + simple if args.dam_first else simple + dam
+    dam = list(dam_runs(args.dam or ["dam:"]).items())
+    simple = [] if args.no_simple else list(SIMPLE_MERGES.items())
     os.makedirs(os.path.join(args.work, "merges"), exist_ok=True)
-    for batch in batches:
-        merged = {}
-        for name, spec in batch.items():
-            if args.deadline and time.perf_counter() - started > args.deadline:
-                print(f"deadline: {name} not merged", flush=True)
-                continue
-            out = os.path.join(args.work, "merges", name)
-            if not os.path.exists(os.path.join(out, "config.json")):
-                config = merge_config(name, spec, base, experts, calibration, args.work)
-                times[f"merge_{name}_s"] = _mergekit_yaml(config, os.path.join(args.work, "merges", f"{name}.yml"), out, quiet=True,
-                                                          options=["--cuda"] if args.device == "cuda" else [])
-                print(f"{name}: merged in {times[f'merge_{name}_s']:.1f} s", flush=True)
-            report = os.path.join(args.work, "merges", f"{name}.report.json")
-            if args.out and os.path.exists(report):
-                shutil.copy(report, args.out)
-            settings["runs"][name] = spec
-            merged[name] = out
-        if merged:
-            models.update(merged)
-            results.update(score(merged, suite, args.device))
-            publish(results)
+    for name, spec in dam + simple if args.dam_first else simple + dam:
+        if args.deadline and time.perf_counter() - started > args.deadline:
+            print(f"deadline: {name} not merged", flush=True)
+            continue
+        out = os.path.join(args.work, "merges", name)
+        if not os.path.exists(os.path.join(out, "config.json")):
+            config = merge_config(name, spec, base, experts, calibration, args.work)
+            times[f"merge_{name}_s"] = _mergekit_yaml(config, os.path.join(args.work, "merges", f"{name}.yml"), out, quiet=True,
+                                                      options=["--cuda"] if args.device == "cuda" else [])
+            print(f"{name}: merged in {times[f'merge_{name}_s']:.1f} s", flush=True)
+        report = os.path.join(args.work, "merges", f"{name}.report.json")
+        if args.out and os.path.exists(report):
+            shutil.copy(report, args.out)
+        settings["runs"][name] = spec
+        models[name] = out
+        results.update(score({name: out}, suite, args.device))
+        publish(results)
     times["total_s"] = time.perf_counter() - started
     publish(results)
 
