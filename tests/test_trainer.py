@@ -482,6 +482,21 @@ def test_recompute_modes_train_the_same_coefficients(lab, tmp_path, caplog, devi
             torch.testing.assert_close(tables[mode][name], table, rtol=1e-6, atol=1e-7)
 
 
+def test_packing_trains_what_padding_trains(lab, tmp_path, caplog):
+    """Packed micro-batches compute the same loss on the same tokens without the padding:
+    the coefficients agree to float32 rounding; `auto` checks the model and logs it packs."""
+    tables = {}
+    for mode in ("off", "auto"):
+        with caplog.at_level(logging.INFO, logger="mergekit_dam"):
+            train_stage(lab_config(lab, tmp_path / f"{mode}.safetensors", packing=mode, steps=8, teacher="online"))
+        tables[mode] = load_file(str(tmp_path / f"{mode}.safetensors"))
+    assert "packing: short examples share rows" in caplog.text
+    start = linear_start(tmp_path / "off.safetensors", lab["base"])
+    assert max((t - start.expand_as(t)).abs().max().item() for t in tables["off"].values()) > 1e-3
+    for name, table in tables["off"].items():
+        torch.testing.assert_close(tables["auto"][name], table, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_out_of_memory_mid_run_is_one_line_and_the_run_resumes(lab, tmp_path, monkeypatch, device):
     """On a GPU the allocator itself fails (a 16 TiB request at step 5); on CPU the error is raised."""

@@ -214,24 +214,39 @@ AUTO_BATCH_MAX = 64
 @dataclass
 class Batch:
     """`sequences` (indices into one expert's set) padded together: ids, attention mask,
-    and the mask of the tokens the loss is taken on (the answers; by default every token)."""
+    and the mask of the tokens the loss is taken on (the answers; by default every token).
+    Packed (packing.py): several sequences per row, `places` their (row, start), and
+    `position_ids` restarting at each; the model then gets no attention mask."""
 
     sequences: List[int]
     ids: torch.Tensor
     mask: torch.Tensor
     loss_mask: Optional[torch.Tensor] = None
+    position_ids: Optional[torch.Tensor] = None
+    places: Optional[List[Tuple[int, int]]] = None  # None: sequence k is row k, from position 0
 
     def __post_init__(self):
         if self.loss_mask is None:
             self.loss_mask = self.mask
+        if self.places is None:
+            self.places = [(row, 0) for row in range(len(self.sequences))]
 
     @classmethod
     def of(cls, dataset: Sequence[Example], sequences: Sequence[int], pad_id: int) -> "Batch":
         return cls(list(sequences), *collate_examples([dataset[k] for k in sequences], pad_id))
 
+    def inputs(self, device) -> dict:
+        """The model's keyword arguments for this batch, on `device`."""
+        if self.position_ids is not None:
+            return {"input_ids": self.ids.to(device), "attention_mask": None, "position_ids": self.position_ids.to(device)}
+        return {"input_ids": self.ids.to(device), "attention_mask": self.mask.to(device)}
+
     def rows(self, begin: int, end: int, device) -> "Batch":
-        """Rows [begin, end) on `device`."""
-        return Batch(self.sequences[begin:end], *(t[begin:end].to(device) for t in (self.ids, self.mask, self.loss_mask)))
+        """Rows [begin, end) on `device`, with the sequences placed in them."""
+        kept = [(sequence, (row - begin, start)) for sequence, (row, start) in zip(self.sequences, self.places) if begin <= row < end]
+        positions = None if self.position_ids is None else self.position_ids[begin:end].to(device)
+        return Batch([sequence for sequence, _ in kept], *(t[begin:end].to(device) for t in (self.ids, self.mask, self.loss_mask)),
+                     position_ids=positions, places=[place for _, place in kept])
 
 
 def collate_examples(examples: Sequence[Example], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -60,9 +60,9 @@ class Cached:
     def target(self, index: int, batch: Batch) -> dict:
         entries = [self.cache[index, sequence] for sequence in batch.sequences]
         values = entries[0][1]
-        teacher = torch.zeros(len(entries), batch.ids.shape[1], values.shape[-1], dtype=values.dtype)
-        for row, (positions, logits) in enumerate(entries):
-            teacher[row, positions] = logits
+        teacher = torch.zeros(*batch.ids.shape, values.shape[-1], dtype=values.dtype)
+        for (row, start), (positions, logits) in zip(batch.places, entries):
+            teacher[row, start + positions] = logits
         return {"teacher": teacher.to(self.device)}
 
 
@@ -85,15 +85,15 @@ class TopK:
                     self.cache[index, sequence] = (values[row, :length].cpu(), indices[row, :length].cpu())
 
     def target(self, index: int, batch: Batch) -> dict:
-        """The cached entries of the batch's sequences as [B, width, K]; padding positions
-        hold zeros, which the mask excludes."""
+        """The cached entries of the batch's sequences as [rows, width, K], each at its
+        place; padding positions hold zeros, which the mask excludes."""
         entries = [self.cache[index, sequence] for sequence in batch.sequences]
-        width, k = batch.ids.shape[1], entries[0][0].shape[-1]
-        values = torch.zeros(len(entries), width, k)
-        indices = torch.zeros(len(entries), width, k, dtype=torch.long)
-        for row, (v, i) in enumerate(entries):
-            values[row, : len(v)] = v
-            indices[row, : len(i)] = i
+        k = entries[0][0].shape[-1]
+        values = torch.zeros(*batch.ids.shape, k)
+        indices = torch.zeros(*batch.ids.shape, k, dtype=torch.long)
+        for (row, start), (v, i) in zip(batch.places, entries):
+            values[row, start : start + len(v)] = v
+            indices[row, start : start + len(i)] = i
         return {"topk": (values.to(self.device), indices.to(self.device))}
 
 

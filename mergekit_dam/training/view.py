@@ -415,18 +415,20 @@ class MergedModel(torch.nn.Module):
             tables.update(t)
         return weights, tables
 
-    def forward(self, selection: Optional[int], input_ids, attention_mask) -> tuple:
+    def forward(self, selection: Optional[int], input_ids, attention_mask, position_ids=None) -> tuple:
         """(logits, trained tables by full name) of the merged model (selection None) or
-        of expert `selection`."""
+        of expert `selection`. Packed rows (packing.py) come with `position_ids` and no
+        attention mask."""
         weights, tables = self.outer_weights(selection)
-        logits, plan = self._run(_Plan(selection), weights, attention_mask, input_ids=input_ids)
+        positions = {} if position_ids is None else {"position_ids": position_ids}
+        logits, plan = self._run(_Plan(selection), weights, attention_mask, input_ids=input_ids, **positions)
         return logits, {**tables, **plan.tables}
 
-    def merged_logits(self, input_ids, attention_mask) -> tuple:
-        return self(None, input_ids, attention_mask)
+    def merged_logits(self, input_ids, attention_mask, position_ids=None) -> tuple:
+        return self(None, input_ids, attention_mask, position_ids)
 
-    def expert_logits(self, index: int, input_ids, attention_mask) -> torch.Tensor:
-        return self(index, input_ids, attention_mask)[0]
+    def expert_logits(self, index: int, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+        return self(index, input_ids, attention_mask, position_ids)[0]
 
     # --- one layer at a time (layerwise.py) ----------------------------------------------
     # Every layer runs through the stock model's forward, which builds its masks and

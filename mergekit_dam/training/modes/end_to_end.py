@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 from tqdm.auto import tqdm
 
 from mergekit_dam.plugin.config import DamError
-from mergekit_dam.training import distributed, objective
+from mergekit_dam.training import distributed, objective, packing
 from mergekit_dam.training.checkpoint import Checkpoints
 from mergekit_dam.training.data import (
     Batch,
@@ -69,14 +69,19 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     # (batch_size per expert), in fewer, larger batches: less memory than a training step
     # keeps, and far fewer launches per evaluation
     no_grad_batch = settings.batch_size * len(data.experts)
-    teacher, _ = make_teacher(settings, lambda i, b: view.expert_logits(i, b.ids.to(device), b.mask.to(device)), device)
+
+    def expert_logits(index: int, batch: Batch):
+        return view.expert_logits(index, **batch.inputs(device))
+
+    teacher, _ = make_teacher(settings, expert_logits, device)
     for index, batches in data.chunks("train", no_grad_batch).items():
         teacher.prepare(index, batches)
+    packed = _packs(settings, data, expert_logits)
 
     def kl_on(split: str):
         batches = data.chunks(split, no_grad_batch)
-        return lambda: held_out_kl(job.rows, batches, lambda b: view.merged_logits(b.ids.to(device), b.mask.to(device))[0],
-                                   lambda i, b: view.expert_logits(i, b.ids.to(device), b.mask.to(device)), settings.temperature, device)
+        return lambda: held_out_kl(job.rows, batches, lambda b: view.merged_logits(**b.inputs(device))[0], expert_logits,
+                                   settings.temperature, device)
 
     evaluate = kl_on("held_out")
     select = KeepBest(raw, kl_on("validation"), every=evaluation_interval(settings.eval_every, steps), steps=steps,
@@ -87,8 +92,8 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     weights = [settings.retain_weight if job.rows[i] == job.retain_row else 1.0 for i in data.experts]
 
     def micro_batch(step: int, micro: int) -> tuple:
-        batch = _micro_batch(data, settings, step * settings.grad_accum + micro)
-        loss, kls = micro_batch_loss(view, data.experts, batch, teacher, settings, device, weights)
+        batch, bounds = _micro_batch(data, settings, step * settings.grad_accum + micro, packed)
+        loss, kls = micro_batch_loss(view, data.experts, batch, teacher, settings, device, weights, bounds)
         return loss, batch.mask.sum(), {job.rows[i]: kl for i, kl in kls.items()}
 
     probe, probe_tokens = None, 0
@@ -175,24 +180,48 @@ def _check_memory(job, data: ExpertData, view: MergedModel, device, dtype, steps
     return plan
 
 
-def _micro_batch(data: ExpertData, settings, micro_step: int) -> Batch:
-    """`batch_size` sequences of every expert with data, expert by expert, padded together."""
-    picks = [(i, k) for i in data.experts for k in batch_indices(len(data.train[i]), settings.batch_size, micro_step, settings.seed, i)]
-    return Batch([k for _, k in picks], *collate_examples([data.train[i][k] for i, k in picks], data.pad_id))
+def _packs(settings, data: ExpertData, expert_logits) -> bool:
+    """Whether training packs its micro-batches (`packing: auto`, padding a large share,
+    and the model's packed logits checked against its padded ones); logged."""
+    if settings.packing == "off" or not packing.worth_packing(data.train):
+        return False
+    first = data.experts[0]
+    works, difference = packing.check(lambda batch: expert_logits(first, batch), data.train[first], data.pad_id)
+    if works:
+        LOG.info("dam: packing: short examples share rows (packed and padded logits agree to %.1e)", difference)
+    else:
+        LOG.info("dam: packing: off, this model's packed logits differ from its padded ones by up to %.3g; examples are padded",
+                 difference)
+    return works
+
+
+def _micro_batch(data: ExpertData, settings, micro_step: int, packed: bool = False) -> tuple:
+    """(`batch_size` sequences of every expert with data, expert by expert, padded together
+    or packed; each expert's rows as [begin, end))."""
+    groups = []
+    for i in data.experts:
+        sequences = batch_indices(len(data.train[i]), settings.batch_size, micro_step, settings.seed, i)
+        groups.append(([data.train[i][k] for k in sequences], sequences))
+    if packed:
+        return packing.pack_experts(groups, data.pad_id)
+    size = settings.batch_size
+    batch = Batch([k for _, sequences in groups for k in sequences],
+                  *collate_examples([example for examples, _ in groups for example in examples], data.pad_id))
+    return batch, [(slot * size, (slot + 1) * size) for slot in range(len(groups))]
 
 
 def micro_batch_loss(view: MergedModel, experts: Sequence[int], batch: Batch, teacher, settings, device,
-                     weights: Optional[Sequence[float]] = None) -> tuple:
-    """(loss, {expert index: KL}) of one micro-batch (`batch_size` rows per expert, in
-    `experts` order): one merged forward for all rows, each expert's rows against its
-    teacher, its loss times its weight (default 1)."""
-    rows = [batch.rows(slot * settings.batch_size, (slot + 1) * settings.batch_size, device) for slot in range(len(experts))]
-    student, tables = view.merged_logits(batch.ids.to(device), batch.mask.to(device))
+                     weights: Optional[Sequence[float]] = None, bounds: Optional[Sequence[tuple]] = None) -> tuple:
+    """(loss, {expert index: KL}) of one micro-batch (each expert's rows in `experts` order,
+    as [begin, end) in `bounds`; default `batch_size` rows each): one merged forward for all
+    rows, each expert's rows against its teacher, its loss times its weight (default 1)."""
+    bounds = bounds or [(slot * settings.batch_size, (slot + 1) * settings.batch_size) for slot in range(len(experts))]
+    student, tables = view.merged_logits(**batch.inputs(device))
     loss = objective.regularisers(tables.values(), settings)
     kls = {}
-    for slot, (index, part) in enumerate(zip(experts, rows)):
-        mine = slice(slot * settings.batch_size, (slot + 1) * settings.batch_size)
-        expert_loss, kls[index] = objective.expert_loss(student[mine], part.loss_mask, settings, **teacher.target(index, part))
+    for slot, (index, (begin, end)) in enumerate(zip(experts, bounds)):
+        part = batch.rows(begin, end, device)
+        expert_loss, kls[index] = objective.expert_loss(student[begin:end], part.loss_mask, settings, **teacher.target(index, part))
         loss = loss + (expert_loss if weights is None else weights[slot] * expert_loss)
     return loss, kls
 
