@@ -1,6 +1,7 @@
 import typing
 
 import pytest
+import yaml
 from mergekit.config import MergeConfiguration
 
 from mergekit_dam.plugin.config import (
@@ -40,6 +41,13 @@ def test_lr_and_batch_size_are_positive_numbers_or_auto(name, value):
 
 def test_yaml_scientific_notation_strings_are_numbers():
     assert parse_settings({"lr": "1e-3"}).lr == 1e-3
+
+
+def test_yaml_on_and_off_are_packing_modes():
+    """YAML 1.1 reads a bare `packing: off` as false; it means what it says."""
+    assert parse_settings(yaml.safe_load("packing: off")).packing == "off"
+    assert parse_settings(yaml.safe_load("packing: on")).packing == "on"
+    assert parse_settings({}).packing == "auto"
 
 
 def test_reads_shared_and_per_model_settings():

@@ -87,11 +87,11 @@ class DamSettings(BaseModel):
     batch_size: Union[int, Literal["auto"]] = Field("auto", description=(
         "sequences per expert per micro-batch; `auto`: about 256 tokens per expert (the training examples' mean "
         "length decides, at least 1 and at most 64): 1 for 2048-token records, as the reference, more for short ones"))
-    packing: Literal["auto", "off"] = Field("auto", description=(
+    packing: Literal["auto", "on", "off"] = Field("auto", description=(
         "`auto`: where padding would be a fifth or more of a micro-batch, each expert's short examples share rows, "
         "each with its own positions and attention (the same logits, without computing the padding), after a check "
-        "on the model that packed and padded logits agree (training pads where they do not); `off`: always pad. "
-        "End-to-end mode"))
+        "on the model that packed and padded logits agree (training pads where they do not); `on`: pack whatever "
+        "the padding (still checked); `off`: always pad. End-to-end mode"))
     grad_accum: int = Field(1, ge=1, description=(
         "micro-batches per optimizer step (gradient accumulation); with `processes` > 1 a multiple of the number "
         "of processes"))
@@ -192,6 +192,11 @@ class DamSettings(BaseModel):
     @classmethod
     def _recompute_bool(cls, value):
         return {True: "layer", False: "none"}.get(value, value) if isinstance(value, bool) else value
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _packing_bool(cls, value):  # YAML reads a bare on / off as a boolean
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _compatible(self):

@@ -183,7 +183,7 @@ def _check_memory(job, data: ExpertData, view: MergedModel, device, dtype, steps
 def _packs(settings, data: ExpertData, expert_logits) -> bool:
     """Whether training packs its micro-batches (`packing: auto`, padding a large share,
     and the model's packed logits checked against its padded ones); logged."""
-    if settings.packing == "off" or not packing.worth_packing(data.train):
+    if settings.packing == "off" or (settings.packing == "auto" and not packing.worth_packing(data.train)):
         return False
     first = data.experts[0]
     works, difference = packing.check(lambda batch: expert_logits(first, batch), data.train[first], data.pad_id)
