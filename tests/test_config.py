@@ -48,6 +48,13 @@ def test_yaml_on_and_off_are_packing_modes():
     assert parse_settings(yaml.safe_load("packing: off")).packing == "off"
     assert parse_settings(yaml.safe_load("packing: on")).packing == "on"
     assert parse_settings({}).packing == "auto"
+    # mergekit validates each parameter against its declared type before the plugin reads it
+    from mergekit_dam.plugin.method import _spec
+
+    specs = {spec.name: spec for spec in _spec().parameters}
+    for name, value in (("packing", False), ("packing", True), ("recompute", False)):
+        assert specs[name].validate(value) is value
+        assert parse_settings({name: value}).model_dump()[name] in {"off", "on", "none"}
 
 
 def test_reads_shared_and_per_model_settings():

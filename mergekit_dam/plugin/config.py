@@ -87,7 +87,7 @@ class DamSettings(BaseModel):
     batch_size: Union[int, Literal["auto"]] = Field("auto", description=(
         "sequences per expert per micro-batch; `auto`: about 256 tokens per expert (the training examples' mean "
         "length decides, at least 1 and at most 64): 1 for 2048-token records, as the reference, more for short ones"))
-    packing: Literal["auto", "on", "off"] = Field("auto", description=(
+    packing: Union[Literal["auto", "on", "off"], bool] = Field("auto", description=(  # bool: YAML's bare on / off
         "`auto`: where padding would be a fifth or more of a micro-batch, each expert's short examples share rows, "
         "each with its own positions and attention (the same logits, without computing the padding), after a check "
         "on the model that packed and padded logits agree (training pads where they do not); `on`: pack whatever "
@@ -155,7 +155,7 @@ class DamSettings(BaseModel):
         "`float32`; coefficients are float32"))
     processes: int = Field(1, ge=1, description=(
         "train in this many processes (FSDP2, one per GPU), launched by `mergekit-yaml` itself with torchrun"))
-    recompute: Literal["auto", "layer", "weights", "none"] = Field("auto", description=(
+    recompute: Union[Literal["auto", "layer", "weights", "none"], bool] = Field("auto", description=(  # bool: the old on / off
         "what backward rebuilds instead of keeping: `layer` (activation checkpointing: one layer's merged weights "
         "and activations at a time, about 1/3 more compute), `weights` (keeps activations, rebuilds each merged "
         "weight from its coefficients: one merged model less memory, about one merge more per weight), `none` "
