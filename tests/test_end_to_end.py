@@ -42,9 +42,15 @@ def test_the_kl_counts_only_the_answer_tokens(families):
         torch.testing.assert_close(kls[slot], kl, atol=1e-5, rtol=1e-4)
         expected = expected + kl
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-4)
-    # per-expert weights (retain_weight on the retain data's row) scale that expert's KL only
-    weighted, _ = micro_batch_loss(view, [0, 1], Batch([0, 1, 0, 1], ids, mask, loss_mask), teacher, settings, cpu, [1.0, 3.0])
+    # the retain data's row counts retain_weight times, outside the balance of the experts
+    weighted, _ = micro_batch_loss(view, [0, 1], Batch([0, 1, 0, 1], ids, mask, loss_mask), teacher,
+                                   settings.model_copy(update={"retain_weight": 3.0, "balance": 1.0}), cpu, retain=1)
     torch.testing.assert_close(weighted, kls[0] + 3.0 * kls[1], atol=1e-5, rtol=1e-4)
+    # balanced, each expert's KL weighs by its share of the KLs (mean weight 1)
+    balanced, _ = micro_batch_loss(view, [0, 1], Batch([0, 1, 0, 1], ids, mask, loss_mask), teacher,
+                                   settings.model_copy(update={"balance": 1.0}), cpu)
+    share = torch.stack([kls[0], kls[1]]) / (kls[0] + kls[1]) * 2
+    torch.testing.assert_close(balanced, share[0] * kls[0] + share[1] * kls[1], atol=1e-5, rtol=1e-4)
     # and the prompt tokens do matter to an all-token KL: the mask is what made the difference
     everything = micro_batch_loss(view, [0, 1], Batch([0, 1, 0, 1], ids, mask), teacher, settings, cpu)[0]
     assert not torch.allclose(everything, loss)

@@ -4,6 +4,7 @@ import torch
 
 from mergekit_dam.plugin.config import DamSettings
 from mergekit_dam.training.objective import (
+    balanced,
     coefficient_norms,
     cosine_similarity,
     entropy,
@@ -81,3 +82,17 @@ def test_cosine_similarity_of_mixed_shapes_matches_a_loop_over_tensors_and_pairs
     paired = [t for t in tables if t.shape[0] > 1]  # a one-row table has no pair: not in the mean
     for got, want in zip(torch.autograd.grad(result, paired), torch.autograd.grad(expected, paired)):
         torch.testing.assert_close(got, want)
+
+
+def test_balance_weighs_each_loss_by_its_share_without_differentiating_the_weights():
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    losses = [x[0] ** 2, 3 * x[1]]  # 1 and 6, gradients 2 and 3 alone
+    assert balanced(losses, 0.0).item() == 7.0
+    total = balanced(losses, 1.0)
+    # by hand: weights 2 * (1, 6) / 7; the loss keeps its scale (mean weight 1)
+    assert math.isclose(total.item(), 2 / 7 * 1 + 12 / 7 * 6, rel_tol=1e-6)
+    total.backward()
+    # the weights are constants: d/dx0 = 2/7 * 2, d/dx1 = 12/7 * 3
+    torch.testing.assert_close(x.grad, torch.tensor([4 / 7, 36 / 7]))
+    squared = balanced([torch.tensor(1.0), torch.tensor(6.0)], 2.0)
+    assert math.isclose(squared.item(), 2 * (1 + 216) / 37, rel_tol=1e-6)

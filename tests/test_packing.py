@@ -7,7 +7,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from mergekit_dam.plugin.config import DamSettings
 from mergekit_dam.training import packing
-from mergekit_dam.training.data import Batch, Example, collate_examples
+from mergekit_dam.training.data import Batch, Example, ExpertData, collate_examples
+from mergekit_dam.training.evaluate import held_out_kl
 from mergekit_dam.training.modes.end_to_end import micro_batch_loss
 from mergekit_dam.training.teachers import Cached, Online
 from mergekit_dam.training.view import MergedModel, build_skeleton, stack_experts
@@ -129,3 +130,20 @@ def test_a_packed_micro_batch_has_the_padded_one_s_loss_and_gradient(llama, cach
         torch.testing.assert_close(kls_b[i], kls_a[i], atol=1e-5, rtol=1e-4)
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-3)
+
+
+def test_packed_validation_chunks_give_the_padded_held_out_kl(llama):
+    _, view = llama
+    data = ExpertData([0, 1], {}, {0: random_examples(9, 4), 1: random_examples(9, 5)}, pad_id=0)
+
+    def kl(chunks):
+        return held_out_kl(["a", "b"], chunks, lambda b: view.merged_logits(**b.inputs(CPU))[0],
+                           lambda i, b: view.expert_logits(i, **b.inputs(CPU)), 2.0, CPU)
+
+    packed = data.chunks("held_out", 4, lambda examples, sequences: packing.pack(examples, sequences, 0, 0))
+    padded = data.chunks("held_out", 4)
+    assert sum(b.ids.numel() for b in packed[0]) < sum(b.ids.numel() for b in padded[0])
+    expected, got = kl(padded), kl(packed)
+    assert expected["a"] > 0 and set(got) == {"a", "b"}
+    for row in got:
+        assert abs(got[row] - expected[row]) <= 1e-5 * expected[row]

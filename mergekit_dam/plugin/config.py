@@ -109,6 +109,11 @@ class DamSettings(BaseModel):
 
     # The objective: KL to each expert on its data, plus regularisers.
     temperature: float = Field(2.0, gt=0, description="KL temperature T on softmax(logits/T); the loss is scaled by T²")
+    balance: float = Field(0.0, ge=0, description=(
+        "how far each step leans toward the experts the merge matches worst: expert i's loss is weighted by "
+        "L_i^balance, normalised to mean 1, from the micro-batch itself (not differentiated); 0: the plain sum "
+        "(the paper's), 1: about the sum of squares, so that a skill already matched does not take the steps "
+        "another still needs"))
     similarity_weight: float = Field(0.01, ge=0, description=(
         "weight of the mean pairwise cosine similarity of the experts' coefficient vectors"))
     l1_weight: float = Field(0.0, ge=0, description="weight of the L1 norm of all coefficients")

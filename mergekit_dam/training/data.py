@@ -22,7 +22,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -280,11 +280,13 @@ class ExpertData:
     pad_id: int
     validation: Dict[int, List[Example]] = None  # None: the held-out split serves
 
-    def chunks(self, split: str, size: int) -> Dict[int, List[Batch]]:
-        """Each expert's `split` ("train", "validation" or "held_out") in consecutive batches of `size`."""
+    def chunks(self, split: str, size: int, pack: Optional[Callable] = None) -> Dict[int, List[Batch]]:
+        """Each expert's `split` ("train", "validation" or "held_out") in consecutive batches
+        of `size` sequences, padded, or made by pack(examples, their indices) (packing.py)."""
         sets = {"train": self.train, "held_out": self.held_out, "validation": self.validation or self.held_out}[split]
-        return {i: [Batch.of(sets[i], range(k, min(k + size, len(sets[i]))), self.pad_id) for k in range(0, len(sets[i]), size)]
-                for i in self.experts}
+        make = pack or (lambda examples, sequences: Batch(list(sequences), *collate_examples(examples, self.pad_id)))
+        return {i: [make([sets[i][k] for k in range(k0, min(k0 + size, len(sets[i])))], range(k0, min(k0 + size, len(sets[i]))))
+                    for k0 in range(0, len(sets[i]), size)] for i in self.experts}
 
     def steps(self, settings) -> int:
         """`steps`, or `epochs` passes over the largest expert's training set, at least `min_steps`."""

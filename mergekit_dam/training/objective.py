@@ -1,6 +1,6 @@
 """DAM's training objective, as pure functions of logits and coefficients.
 
-loss = sum_i KL_T(expert_i || merged) on expert i's tokens        (distillation)
+loss = sum_i w_i KL_T(expert_i || merged) on expert i's tokens    (distillation; w_i: `balance`)
      + similarity_weight * mean pairwise cosine of the experts' coefficient vectors
      + l1_weight * ||c||_1 + l2_weight * ||c||_2                  (norms, not squared)
      + entropy_weight * entropy of the merged predictions
@@ -11,7 +11,7 @@ KL terms use softmax(logits / T), are scaled by T^2 and averaged over non-paddin
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +96,19 @@ def regularisers(coefficients, settings) -> torch.Tensor:
         l1, l2 = coefficient_norms(coefficients)
         total = total + settings.l1_weight * l1 + settings.l2_weight * l2
     return total
+
+
+def balanced(losses: Sequence[torch.Tensor], power: float) -> torch.Tensor:
+    """sum_i w_i L_i with w_i = N L_i^p / sum_j L_j^p, the weights not differentiated
+    (mean 1, so the loss keeps its scale). p = 0 is the plain sum; p > 0 leans each step
+    toward the experts the merge matches worst (at p = 1 the gradient is that of
+    sum_i L_i^2 / (2 mean L)), so that a skill already matched does not take the steps
+    another still needs."""
+    stacked = torch.stack(list(losses))
+    if power == 0 or len(losses) < 2:
+        return stacked.sum()
+    held = stacked.detach().clamp_min(1e-12) ** power
+    return (held * (len(losses) / held.sum()) * stacked).sum()
 
 
 def expert_loss(

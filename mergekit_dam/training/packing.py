@@ -53,9 +53,9 @@ def pack(examples: Sequence[Example], sequences: Sequence[int], width: int, pad_
     the longest): ids, a mask of 1 on real tokens, the loss mask, position ids that restart
     at each example (padding at a row's end counts from 0 as one more, unscored example)
     and each example's (row, start)."""
-    places = layout([len(e) for e in examples], max(width, max(len(e) for e in examples)))
-    rows = 1 + max(row for row, _ in places)
     width = max(width, max(len(e) for e in examples))
+    places = layout([len(e) for e in examples], width)
+    rows = 1 + max(row for row, _ in places)
     ids = torch.full((rows, width), pad_id, dtype=torch.long)
     mask = torch.zeros((rows, width), dtype=torch.long)
     loss_mask = torch.zeros((rows, width), dtype=torch.long)

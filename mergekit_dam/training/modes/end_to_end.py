@@ -78,8 +78,9 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
         teacher.prepare(index, batches)
     packed = _packs(settings, data, expert_logits)
 
-    def kl_on(split: str):
-        batches = data.chunks(split, no_grad_batch)
+    def kl_on(split: str):  # packed like training: a validation pass runs at every evaluation
+        batches = data.chunks(split, no_grad_batch, (lambda examples, sequences: packing.pack(examples, sequences, 0, data.pad_id))
+                              if packed else None)
         return lambda: held_out_kl(job.rows, batches, lambda b: view.merged_logits(**b.inputs(device))[0], expert_logits,
                                    settings.temperature, device)
 
@@ -88,12 +89,12 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
                       patience=settings.patience, max_minutes=settings.max_minutes, keep_best=settings.keep_best)
     checkpoints = Checkpoints(artifact_path, key, raw, bool(settings.checkpoint_every or settings.checkpoint_minutes), steps, select)
 
-    # each expert's KL counts once; the retain data's (the base's row) retain_weight times
-    weights = [settings.retain_weight if job.rows[i] == job.retain_row else 1.0 for i in data.experts]
+    # the experts' KLs are balanced (`balance`); the retain data's (the base's row) counts retain_weight times
+    retain = next((slot for slot, i in enumerate(data.experts) if job.rows[i] == job.retain_row), None)
 
     def micro_batch(step: int, micro: int) -> tuple:
         batch, bounds = _micro_batch(data, settings, step * settings.grad_accum + micro, packed)
-        loss, kls = micro_batch_loss(view, data.experts, batch, teacher, settings, device, weights, bounds)
+        loss, kls = micro_batch_loss(view, data.experts, batch, teacher, settings, device, retain, bounds)
         return loss, batch.mask.sum(), {job.rows[i]: kl for i, kl in kls.items()}
 
     probe, probe_tokens = None, 0
@@ -211,19 +212,22 @@ def _micro_batch(data: ExpertData, settings, micro_step: int, packed: bool = Fal
 
 
 def micro_batch_loss(view: MergedModel, experts: Sequence[int], batch: Batch, teacher, settings, device,
-                     weights: Optional[Sequence[float]] = None, bounds: Optional[Sequence[tuple]] = None) -> tuple:
+                     retain: Optional[int] = None, bounds: Optional[Sequence[tuple]] = None) -> tuple:
     """(loss, {expert index: KL}) of one micro-batch (each expert's rows in `experts` order,
     as [begin, end) in `bounds`; default `batch_size` rows each): one merged forward for all
-    rows, each expert's rows against its teacher, its loss times its weight (default 1)."""
+    rows, each expert's rows against its teacher. The experts' losses are summed as
+    `balance` weighs them; the one in slot `retain` (the retain data) adds retain_weight times its own."""
     bounds = bounds or [(slot * settings.batch_size, (slot + 1) * settings.batch_size) for slot in range(len(experts))]
     student, tables = view.merged_logits(**batch.inputs(device))
-    loss = objective.regularisers(tables.values(), settings)
-    kls = {}
+    kls, losses, kept = {}, [], 0
     for slot, (index, (begin, end)) in enumerate(zip(experts, bounds)):
         part = batch.rows(begin, end, device)
         expert_loss, kls[index] = objective.expert_loss(student[begin:end], part.loss_mask, settings, **teacher.target(index, part))
-        loss = loss + (expert_loss if weights is None else weights[slot] * expert_loss)
-    return loss, kls
+        if slot == retain:
+            kept = settings.retain_weight * expert_loss
+        else:
+            losses.append(expert_loss)
+    return objective.regularisers(tables.values(), settings) + objective.balanced(losses, settings.balance) + kept, kls
 
 
 def _curve(history: List[dict]) -> List[dict]:

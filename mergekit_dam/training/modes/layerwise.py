@@ -148,14 +148,15 @@ class LayerwiseRun:
             return
 
         def micro_batch(step: int, micro: int) -> tuple:
-            loss, tokens, kls = 0, 0, {}
+            losses, tokens, kls = [], 0, {}
             for i in self.experts:
                 chunk = self.chunks[i][batch_indices(len(self.chunks[i]), 1, step * settings.grad_accum + micro, settings.seed, i)[0]]
                 expert_loss, kl, tables = loss_of(i, chunk)
-                loss, tokens = loss + expert_loss, tokens + int(chunk.mask.sum())
+                losses.append(expert_loss)
+                tokens += int(chunk.mask.sum())
                 if kl is not None:
                     kls[self.job.rows[i]] = kl
-            return loss + objective.regularisers(tables.values(), settings), tokens, kls
+            return objective.balanced(losses, settings.balance) + objective.regularisers(tables.values(), settings), tokens, kls
 
         self.history += fit(Stage(params, self.steps, micro_batch, stage), settings, self.progress)
         for key in keys:
