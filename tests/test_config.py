@@ -28,7 +28,8 @@ def normalised(config: dict) -> MergeConfiguration:
 def test_defaults_follow_the_reference_where_they_need_no_tuning():
     settings = DamSettings()
     assert (settings.temperature, settings.similarity_weight, settings.grad_clip) == (2.0, 0.01, 1.0)
-    assert (settings.lr, settings.batch_size, settings.min_steps, settings.parametrization) == ("auto", "auto", 400, "auto")
+    assert (settings.lr, settings.batch_size, settings.min_steps, settings.parametrization) == ("auto", "auto", 560, "auto")
+    assert (settings.schedule, settings.packing, settings.balance) == ("cosine", "auto", 0.0)
     assert (settings.l1_weight, settings.l2_weight, settings.topk, settings.max_length) == (0.0, 0.0, 128, 2048)
     assert settings.train_embeddings and settings.train_norms and not settings.include_base
 

@@ -32,7 +32,7 @@ from mergekit_dam.tools.lab import SKILLS
 from mergekit_dam.tools.tiny import make_tokenizer
 from mergekit_dam.training import checkpoint
 
-FAST = {"steps": 12, "lr": 0.02, "max_length": 24, "batch_size": 4, "samples": 40}
+FAST = {"steps": 12, "lr": 0.02, "max_length": 24, "batch_size": 4, "samples": 40, "schedule": "constant"}  # the rate these tests were sized for
 
 
 N = len(SKILLS)

@@ -60,7 +60,7 @@ class DamSettings(BaseModel):
         "optimizer steps (≥ 1; per stage with `mode: layerwise`); unset: `epochs` passes over the data, at least "
         "`min_steps`"))
     epochs: float = Field(1.0, gt=0, description="passes over the data when `steps` is unset (fractions allowed)")
-    min_steps: int = Field(400, ge=1, description=(
+    min_steps: int = Field(560, ge=1, description=(
         "with `steps` unset, at least this many optimizer steps: a small calibration set is passed over several "
         "times (keep-best writes the best step seen)"))
     samples: int = Field(1700, ge=1, description="examples taken from each dataset")
@@ -103,8 +103,9 @@ class DamSettings(BaseModel):
         "and the rate with the lowest KL is used (logged; `mode: layerwise` has no validation KL and uses 1e-2)"))
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     warmup_steps: int = Field(0, ge=0, description="steps of linear learning-rate warmup")
-    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description=(
-        "learning rate after warmup: `constant`, or decayed to 0 along a `linear` or `cosine` curve"))
+    schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description=(
+        "learning rate after warmup: decayed to 0 along a `cosine` curve (the last steps settle instead of "
+        "bouncing at the full rate) or a `linear` one, or `constant`"))
     grad_clip: float = Field(1.0, ge=0, description="clip the coefficients' gradient norm to this (0: no clipping)")
 
     # The objective: KL to each expert on its data, plus regularisers.
