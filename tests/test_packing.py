@@ -147,3 +147,25 @@ def test_packed_validation_chunks_give_the_padded_held_out_kl(llama):
     assert expected["a"] > 0 and set(got) == {"a", "b"}
     for row in got:
         assert abs(got[row] - expected[row]) <= 1e-5 * expected[row]
+
+
+def test_auto_packs_on_a_cpu_where_padding_is_a_large_share_and_pads_on_accelerators(caplog):
+    import logging
+
+    from mergekit_dam.training.modes.end_to_end import _packs
+
+    data = ExpertData([0, 1], {0: random_examples(6, 6, [3, 4, 2, 3, 5, 2]), 1: random_examples(3, 7, [20, 19, 18])}, {}, pad_id=0)
+    calls = []
+
+    def per_token(index, batch):  # keeps packed examples apart
+        calls.append(index)
+        return torch.nn.functional.one_hot(batch.ids, 100).float() + 0.1 * batch.inputs(CPU).get("position_ids", torch.arange(batch.ids.shape[1]))[..., None]
+
+    with caplog.at_level(logging.INFO, logger="mergekit_dam"):
+        assert _packs(DamSettings(), data, per_token, CPU) and calls == [0, 0]  # the check: padded, then packed
+        assert not _packs(DamSettings(), data, per_token, torch.device("cuda")) and calls == [0, 0]  # no check run
+        assert _packs(DamSettings(packing="on"), data, per_token, torch.device("cuda")) and calls == [0] * 4
+        assert not _packs(DamSettings(packing="off"), data, per_token, CPU)
+    assert "packing: auto pads on cuda" in caplog.text
+    even = ExpertData([0], {0: random_examples(3, 8, [10, 10, 9])}, {}, pad_id=0)
+    assert not _packs(DamSettings(), even, per_token, CPU) and _packs(DamSettings(packing="on"), even, per_token, CPU)

@@ -490,6 +490,7 @@ def test_packing_trains_what_padding_trains(lab, tmp_path, caplog):
         with caplog.at_level(logging.INFO, logger="mergekit_dam"):
             train_stage(lab_config(lab, tmp_path / f"{mode}.safetensors", packing=mode, steps=8, teacher="online"))
         tables[mode] = load_file(str(tmp_path / f"{mode}.safetensors"))
+        assert json.loads((tmp_path / f"{mode}.report.json").read_text())["packing"] is (mode == "auto")
     assert "packing: short examples share rows" in caplog.text
     start = linear_start(tmp_path / "off.safetensors", lab["base"])
     assert max((t - start.expand_as(t)).abs().max().item() for t in tables["off"].values()) > 1e-3

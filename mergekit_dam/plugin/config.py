@@ -88,10 +88,11 @@ class DamSettings(BaseModel):
         "sequences per expert per micro-batch; `auto`: about 256 tokens per expert (the training examples' mean "
         "length decides, at least 1 and at most 64): 1 for 2048-token records, as the reference, more for short ones"))
     packing: Union[Literal["auto", "on", "off"], bool] = Field("auto", description=(  # bool: YAML's bare on / off
-        "`auto`: where padding would be a fifth or more of a micro-batch, each expert's short examples share rows, "
-        "each with its own positions and attention (the same logits, without computing the padding), after a check "
-        "on the model that packed and padded logits agree (training pads where they do not); `on`: pack whatever "
-        "the padding (still checked); `off`: always pad. End-to-end mode"))
+        "`auto`: training on a CPU where padding would be a fifth or more of a micro-batch, each expert's short "
+        "examples share rows, each with its own positions and attention (the same logits, without computing the "
+        "padding), after a check on the model that packed and padded logits agree (training pads where they do "
+        "not); on a GPU, where a small model's step is bound by the host, `auto` pads; `on`: pack on any device "
+        "whatever the padding (still checked); `off`: always pad. End-to-end mode"))
     grad_accum: int = Field(1, ge=1, description=(
         "micro-batches per optimizer step (gradient accumulation); with `processes` > 1 a multiple of the number "
         "of processes"))

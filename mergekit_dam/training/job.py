@@ -50,6 +50,7 @@ class TrainingReport:
     lr: Optional[float] = None  # the learning rate used (`lr: auto`'s choice)
     lr_probe: Optional[Dict[str, float]] = None  # `lr: auto`: validation KL after the probe, per candidate rate
     teacher: Optional[str] = None  # the teacher used (`teacher: auto`'s choice)
+    packing: Optional[bool] = None  # whether micro-batches were packed (`packing`'s choice, end-to-end mode)
     tokens: Optional[int] = None  # real tokens through the merged model in training (forward + backward), the probe's included
 
     def to_dict(self) -> dict:

@@ -76,7 +76,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     teacher, _ = make_teacher(settings, expert_logits, device)
     for index, batches in data.chunks("train", no_grad_batch).items():
         teacher.prepare(index, batches)
-    packed = _packs(settings, data, expert_logits)
+    packed = _packs(settings, data, expert_logits, device)
 
     def kl_on(split: str):  # packed like training: a validation pass runs at every evaluation
         batches = data.chunks(split, no_grad_batch, (lambda examples, sequences: packing.pack(examples, sequences, 0, data.pad_id))
@@ -125,7 +125,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
         seconds=time.perf_counter() - started, tokens_per_second=_tokens_per_second(history[checkpoints.first_step:], clock[0]),
         peak_memory_bytes=peak_memory(device), trainable_coefficients=sum(p.numel() for p in raw.values()),
         held_out_kl={"step_0_linear_average": kl_start, "final": kl_end}, loss_curve=_curve(history), estimate=plan,
-        validation=select.report(), lr=settings.lr, lr_probe=probe, teacher=settings.teacher,
+        validation=select.report(), lr=settings.lr, lr_probe=probe, teacher=settings.teacher, packing=packed,
         tokens=sum(entry.get("tokens", 0) for entry in history) + probe_tokens,
     )
     checkpoints.remove()
@@ -181,10 +181,16 @@ def _check_memory(job, data: ExpertData, view: MergedModel, device, dtype, steps
     return plan
 
 
-def _packs(settings, data: ExpertData, expert_logits) -> bool:
-    """Whether training packs its micro-batches (`packing: auto`, padding a large share,
-    and the model's packed logits checked against its padded ones); logged."""
+def _packs(settings, data: ExpertData, expert_logits, device) -> bool:
+    """Whether training packs its micro-batches, logged: `on`, or `auto` on a CPU where
+    padding is a large share, and the model's packed logits checked against its padded
+    ones. `auto` pads on accelerators: there a small model's step is bound by the host,
+    which packing adds to (on an H200 it made the lab's training 1.48x slower, where on a
+    CPU it made it 1.81x faster; BENCHMARKS.md)."""
     if settings.packing == "off" or (settings.packing == "auto" and not packing.worth_packing(data.train)):
+        return False
+    if settings.packing == "auto" and device.type != "cpu":
+        LOG.info("dam: packing: auto pads on %s (`packing: on` packs)", device.type)
         return False
     first = data.experts[0]
     works, difference = packing.check(lambda batch: expert_logits(first, batch), data.train[first], data.pad_id)
