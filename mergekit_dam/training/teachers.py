@@ -1,8 +1,9 @@
 """Teachers: where expert i's target distribution on a batch comes from.
 
-A teacher has two methods: `prepare(index, batches)`, run once before training on the
-batches it will be asked about, and `target(index, batch)`, the keyword arguments of
-`objective.expert_loss` for one batch (`teacher=` full logits, or `topk=` cached top-K).
+A teacher has two methods: `prepare(index, batches)`, run once before training on padded
+batches of the sequences it will be asked about, and `target(index, batch)`, the keyword
+arguments of `objective.expert_loss` for one batch, padded or packed (`teacher=` full
+logits, or `topk=` cached top-K, each sequence's at its place in the batch).
 Both take a function `logits(index, batch)` that computes expert `index`'s logits on a
 batch, so the same teacher serves end-to-end training (the expert's own weights) and the
 last layer-wise stage (the expert's cached hidden states). A new teacher is one class
