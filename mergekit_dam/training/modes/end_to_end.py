@@ -192,8 +192,9 @@ def _packs(settings, data: ExpertData, expert_logits, device) -> bool:
     if settings.packing == "auto" and device.type != "cpu":
         LOG.info("dam: packing: auto pads on %s (`packing: on` packs)", device.type)
         return False
-    first = data.experts[0]
-    works, difference = packing.check(lambda batch: expert_logits(first, batch), data.train[first], data.pad_id)
+    first = data.experts[0]  # one expert's model, on examples of every expert (so at least two when anything packs)
+    examples = [example for i in data.experts for example in data.train[i]]
+    works, difference = packing.check(lambda batch: expert_logits(first, batch), examples, data.pad_id)
     if works:
         LOG.info("dam: packing: short examples share rows (packed and padded logits agree to %.1e)", difference)
     else:
