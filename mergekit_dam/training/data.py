@@ -285,8 +285,8 @@ class ExpertData:
         of `size` sequences, padded, or made by pack(examples, their indices) (packing.py)."""
         sets = {"train": self.train, "held_out": self.held_out, "validation": self.validation or self.held_out}[split]
         make = pack or (lambda examples, sequences: Batch(list(sequences), *collate_examples(examples, self.pad_id)))
-        return {i: [make([sets[i][k] for k in range(k0, min(k0 + size, len(sets[i])))], range(k0, min(k0 + size, len(sets[i]))))
-                    for k0 in range(0, len(sets[i]), size)] for i in self.experts}
+        spans = {i: [range(k, min(k + size, len(sets[i]))) for k in range(0, len(sets[i]), size)] for i in self.experts}
+        return {i: [make([sets[i][k] for k in span], span) for span in spans[i]] for i in self.experts}
 
     def steps(self, settings) -> int:
         """`steps`, or `epochs` passes over the largest expert's training set, at least `min_steps`."""

@@ -23,7 +23,6 @@ import torch
 from mergekit_dam.training.data import (
     Batch,
     Example,
-    collate_examples,
     scored_positions,
 )
 
@@ -60,14 +59,15 @@ def pack(examples: Sequence[Example], sequences: Sequence[int], width: int, pad_
     mask = torch.zeros((rows, width), dtype=torch.long)
     loss_mask = torch.zeros((rows, width), dtype=torch.long)
     positions = torch.zeros((rows, width), dtype=torch.long)
+    ends = [0] * rows
     for example, (row, start) in zip(examples, places):
         span = slice(start, start + len(example))
         ids[row, span] = torch.tensor(example.ids, dtype=torch.long)
         mask[row, span] = 1
         loss_mask[row, span] = torch.tensor(scored_positions(example), dtype=torch.long)
         positions[row, span] = torch.arange(len(example))
-    for row in range(rows):
-        end = int(mask[row].nonzero().max()) + 1
+        ends[row] = max(ends[row], span.stop)
+    for row, end in enumerate(ends):
         positions[row, end:] = torch.arange(width - end)
     return Batch(list(sequences), ids, mask, loss_mask, position_ids=positions, places=places)
 
@@ -87,7 +87,7 @@ def check(logits: Callable[[Batch], torch.Tensor], examples: Sequence[Example], 
     chosen = [examples[k] for k in picks]
     if len(chosen) < 2:
         return True, 0.0
-    padded = Batch(picks, *collate_examples(chosen, pad_id))
+    padded = Batch.of(examples, picks, pad_id)
     packed = pack(chosen, picks, sum(len(e) for e in chosen), pad_id)
     with torch.no_grad():
         plain, together = logits(padded), logits(packed)
