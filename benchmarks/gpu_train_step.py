@@ -160,7 +160,7 @@ def main():
     settings = DamSettings(batch_size=1, teacher=args.teacher, topk=128)
     experts = list(range(n))
     batch = Batch([0] * n, ids, mask)  # row i: expert i's sequence 0
-    teacher, _ = make_teacher(settings, lambda i, b: view.expert_logits(i, b.ids.to(device), b.mask.to(device)), device)
+    teacher = make_teacher(settings, lambda i, b: view.expert_logits(i, b.ids.to(device), b.mask.to(device)), device)
     for index in experts:  # top-K: cached here, before the timed steps
         teacher.prepare(index, [batch.rows(index, index + 1, device)])
 

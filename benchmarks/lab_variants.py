@@ -49,9 +49,15 @@ def main():
     parser.add_argument("--lab", default="dam-lab")
     parser.add_argument("--out", default="/tmp/dam-variants")
     parser.add_argument("--variant", type=variant, action="append", required=True)
+    parser.add_argument("--skills", type=lambda text: text.split(","), default=list(SKILLS),
+                        help="merge and score only these experts (comma-separated), e.g. shift,translate")
     args = parser.parse_args()
+    if unknown := set(args.skills) - set(SKILLS):
+        parser.error(f"--skills: unknown {', '.join(sorted(unknown))}; the lab's skills are {', '.join(SKILLS)}")
     os.makedirs(args.out, exist_ok=True)
     manifest = build(os.path.abspath(args.lab))  # absolute: mergekit takes a relative name for a hub id
+    manifest = {**manifest, "skills": {s: e for s, e in manifest["skills"].items() if s in args.skills}}
+    skills = list(manifest["skills"])
     models, reports, coefficients = {}, {}, {}
     for name, settings in args.variant:
         artifact = os.path.join(args.out, f"{name}.safetensors")
@@ -66,22 +72,22 @@ def main():
         coefficients[name] = distinctness(artifact)
     models["linear"] = os.path.join(args.out, "merged-linear")
     _mergekit_yaml(merge_configs(manifest, "")["linear"], os.path.join(args.out, "linear.yml"), models["linear"], quiet=True)
-    experts = {f"expert:{s}": manifest["skills"][s]["expert"] for s in SKILLS}  # for retention
+    experts = {f"expert:{s}": manifest["skills"][s]["expert"] for s in skills}  # for retention
     results = score({"base": manifest["base"], **experts, **models}, Suite.from_lab(manifest))
-    print(f"{'merge':20s}" + "".join(f"{s:>26s}" for s in SKILLS) + f"{'general NLL':>13s}")
+    print(f"{'merge':20s}" + "".join(f"{s:>26s}" for s in skills) + f"{'general NLL':>13s}")
     for name in models:
         entry = results[name]
         print(f"{name:20s}" + "".join(
             f"{entry[s]['accuracy']:>8.2f} KL {entry[s]['kl']:5.2f} ret {entry['retention'][s]['nll']:5.2f}"
-            for s in SKILLS) + f"{entry.get('general_nll', float('nan')):>13.2f}")
+            for s in skills) + f"{entry.get('general_nll', float('nan')):>13.2f}")
     for name, report in reports.items():
         print(f"{name:14s} training {report['seconds']:.1f} s, peak RSS {report['peak_memory_bytes'] / 2**30:.2f} GiB, "
-              f"held-out KL (calibration tail) {sum(report['held_out_kl']['final'].values()) / len(SKILLS):.3f} "
-              f"(linear {sum(report['held_out_kl']['step_0_linear_average'].values()) / len(SKILLS):.3f}); coefficients: "
+              f"held-out KL (calibration tail) {sum(report['held_out_kl']['final'].values()) / len(skills):.3f} "
+              f"(linear {sum(report['held_out_kl']['step_0_linear_average'].values()) / len(skills):.3f}); coefficients: "
               f"spread {coefficients[name]['spread']:.3f}, row correlation {coefficients[name]['correlation']:.3f}, dominance "
               + ", ".join(f"{m} {share:.2f}" for m, share in coefficients[name]["dominance"].items()))
     with open(os.path.join(args.out, "variants.json"), "w") as handle:
-        json.dump({"variants": dict(args.variant), "results": results, "coefficients": coefficients,
+        json.dump({"variants": dict(args.variant), "skills": skills, "results": results, "coefficients": coefficients,
                    "reports": {m: {k: r[k] for k in ("seconds", "peak_memory_bytes", "held_out_kl")} for m, r in reports.items()}}, handle, indent=1)
 
 

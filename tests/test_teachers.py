@@ -12,6 +12,7 @@ from mergekit_dam.training.teachers import (
     TopK,
     cache_bytes,
     make_teacher,
+    teacher_name,
 )
 
 SEQUENCES = [Example(ids) for ids in ([5, 6, 7], [8, 9], [1, 2, 3, 4])]
@@ -90,10 +91,12 @@ def test_cache_bytes_counts_one_row_of_logits_per_scored_token():
                                             (teachers.CACHE_BUDGET_BYTES + 1, "online")])
 def test_auto_caches_within_the_budget(size, expected, caplog):
     caplog.set_level("INFO", logger="mergekit_dam")
-    teacher, name = make_teacher(DamSettings(), logits_of, torch.device("cpu"), size)
+    name = teacher_name(DamSettings(), size)
+    teacher = make_teacher(DamSettings(teacher=name), logits_of, torch.device("cpu"))
     assert name == expected and type(teacher) is teachers.TEACHERS[expected]
     assert f"teacher: auto is {expected}" in caplog.text
 
 
 def test_an_explicit_teacher_is_kept_whatever_the_size():
-    assert make_teacher(DamSettings(teacher="online"), logits_of, torch.device("cpu"), 0)[1] == "online"
+    assert teacher_name(DamSettings(teacher="online"), 0) == "online"
+    assert teacher_name(DamSettings(teacher="topk"), teachers.CACHE_BUDGET_BYTES + 1) == "topk"

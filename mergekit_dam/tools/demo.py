@@ -59,8 +59,8 @@ def merge_configs(manifest: dict, artifact: str, dam_settings: Optional[dict] = 
     `retain_dataset`, and the simple methods with the settings users commonly start from
     (weights 1/N-like, density 0.5)."""
     base = manifest["base"]
-    experts = [manifest["skills"][s]["expert"] for s in SKILLS]
-    calibration = [manifest["skills"][s]["calibration"] for s in SKILLS]
+    experts = [entry["expert"] for entry in manifest["skills"].values()]  # the lab's skills, or a subset of them
+    calibration = [entry["calibration"] for entry in manifest["skills"].values()]
     settings = {**DAM_LAB_SETTINGS, **(dam_settings or {})}
 
     def dam(parameters: dict) -> dict:

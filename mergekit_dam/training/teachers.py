@@ -118,7 +118,6 @@ def teacher_name(settings, cache_size: int) -> str:
     return name
 
 
-def make_teacher(settings, logits: Logits, device: torch.device, cache_size: int = 0):
-    """(the teacher of `settings.teacher`, its name); `auto` as teacher_name decides."""
-    name = teacher_name(settings, cache_size)
-    return TEACHERS[name](logits, settings, device), name
+def make_teacher(settings, logits: Logits, device: torch.device):
+    """The teacher `settings.teacher` names (made concrete by teacher_name first)."""
+    return TEACHERS[settings.teacher](logits, settings, device)

@@ -73,7 +73,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     def expert_logits(index: int, batch: Batch):
         return view.expert_logits(index, **batch.inputs(device))
 
-    teacher, _ = make_teacher(settings, expert_logits, device)
+    teacher = make_teacher(settings, expert_logits, device)
     for index, batches in data.chunks("train", no_grad_batch).items():
         teacher.prepare(index, batches)
     packed = _packs(settings, data, expert_logits, device)

@@ -46,7 +46,7 @@ from mergekit_dam.training.evaluate import held_out_kl
 from mergekit_dam.training.experts import build_view
 from mergekit_dam.training.job import TrainingJob, TrainingReport, TrainingResult
 from mergekit_dam.training.loop import Stage, fit
-from mergekit_dam.training.teachers import cache_bytes, make_teacher
+from mergekit_dam.training.teachers import cache_bytes, make_teacher, teacher_name
 
 LOG = logging.getLogger("mergekit_dam")
 
@@ -98,7 +98,7 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
         peak_memory_bytes=peak_memory(device),
         trainable_coefficients=sum(t.numel() for name, t in run.tables.items() if name in run.view.trained_names),
         held_out_kl={"step_0_linear_average": kl_start, "final": kl_end},
-        loss_curve=[{k: entry[k] for k in ("stage", "step", "loss", "kl")} for entry in run.history], lr=settings.lr, teacher=run.teacher_name,
+        loss_curve=[{k: entry[k] for k in ("stage", "step", "loss", "kl")} for entry in run.history], lr=settings.lr, teacher=run.settings.teacher,
         tokens=sum(entry["tokens"] for entry in run.history),
     )
     LOG.info("dam: trained layer-wise in %.1f s; held-out KL per expert, linear average -> DAM: %s", report.seconds,
@@ -112,15 +112,16 @@ class LayerwiseRun:
 
     def __init__(self, job: TrainingJob, device: torch.device, dtype: torch.dtype):
         data = prepare_data(job)
-        self.job = job = replace(job, settings=data.resolve(job.settings))
-        self.settings, self.device = job.settings, device
-        self.experts, self.steps = data.experts, data.steps(self.settings)
+        settings = data.resolve(job.settings)
+        settings = settings.model_copy(update={"teacher": teacher_name(settings, cache_bytes(data.train, job.out_config.vocab_size, dtype))})
+        self.job = job = replace(job, settings=settings)
+        self.settings, self.device = settings, device
+        self.experts, self.steps = data.experts, data.steps(settings)
 
         def chunks(split: str) -> Dict[int, List[Chunk]]:
             return {i: [Chunk(b.sequences, b.ids, b.mask, b.loss_mask) for b in batches] for i, batches in data.chunks(split, self.settings.batch_size).items()}
 
         self.chunks, self.checks = chunks("train"), chunks("held_out")
-        self.cache_size = cache_bytes(data.train, job.out_config.vocab_size, dtype)
         self.view = build_view(job, device, dtype, lazy=True)
         self.layers = len(self.view.blocks)
         skeleton = self.view.skeleton
@@ -240,7 +241,7 @@ class LayerwiseRun:
             return held_out_kl(self.job.rows, self.checks, student, expert_logits, settings.temperature, self.device)
 
         kl_start = evaluate(linear_logits)
-        teacher, self.teacher_name = make_teacher(settings, expert_logits, self.device, self.cache_size)
+        teacher = make_teacher(settings, expert_logits, self.device)
         for i in self.experts:
             teacher.prepare(i, self.chunks[i])
 
