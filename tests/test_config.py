@@ -108,6 +108,28 @@ def test_example_configs_are_valid():
             check_merge_config(normalised(raw))
 
 
+def test_multi_stage_example_configs_are_valid():
+    """example_configs/multi/: mergekit-multi files, one stage per YAML document."""
+    import glob
+    import os
+
+    import yaml
+
+    files = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "example_configs", "multi", "*.yml")))
+    assert files
+    for file in files:
+        with open(file) as handle:
+            stages = list(yaml.safe_load_all(handle))
+        names = {stage.get("name") for stage in stages}
+        assert any(stage["merge_method"] == "dam" for stage in stages), file
+        for stage in stages:
+            stage = {k: v for k, v in stage.items() if k != "name"}
+            MergeConfiguration.model_validate(stage)
+            assert stage["merge_method"] not in names, f"{file}: a stage named like a method refers to itself"
+            if stage["merge_method"] == "dam":
+                check_merge_config(normalised({k: v for k, v in stage.items() if k not in ("merge_method", "base_model", "dtype")}))
+
+
 def test_lab_example_configs_match_the_demo():
     import os
 

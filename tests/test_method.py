@@ -2,12 +2,17 @@
 checks of every output tensor against sum_i c_i * W_i recomputed from the checkpoints."""
 
 import os
+import subprocess
 
 import pytest
 import torch
+import yaml
 from conftest import (
+    BIN,
+    artifact_merge,
     dam_config,
     expected_merge,
+    lab_dam_config,
     mergekit_yaml,
     read_checkpoint,
     write_config,
@@ -236,3 +241,32 @@ def test_spec_parameters_carry_the_settings_descriptions():
     assert [p.name for p in parameters] == list(fields)
     for parameter in parameters:
         assert parameter.description == fields[parameter.name].description and parameter.description
+
+
+def test_dam_trains_inside_mergekit_multi_and_feeds_a_later_merge(lab, tmp_path):
+    """mergekit's multi-stage pipeline (`mergekit-multi`, one process): a dam merge beside a
+    ties merge, both the inputs of a final linear merge. Each output against its own
+    recomputation from the checkpoints."""
+    artifact = tmp_path / "dam.safetensors"
+    # merges named otherwise than a method: mergekit-multi reads any string equal to a merge's
+    # name as a reference to that merge, `merge_method: dam` included
+    stages = [
+        {"name": "merged_dam", **lab_dam_config(lab, artifact, steps=4, seed=0)},
+        {"name": "merged_ties", "merge_method": "ties", "base_model": lab["base"], "dtype": "float32",
+         "models": [{"model": m, "parameters": {"weight": 0.5, "density": 0.5}} for m in lab["experts"]]},
+        {"merge_method": "linear", "dtype": "float32",
+         "models": [{"model": name, "parameters": {"weight": 0.5}} for name in ("merged_dam", "merged_ties")]},
+    ]
+    config = tmp_path / "pipeline.yml"
+    config.write_text(yaml.safe_dump_all(stages, sort_keys=False))
+    done = subprocess.run([os.path.join(BIN, "mergekit-multi"), str(config), "-I", str(tmp_path / "stages"),
+                           "--out-path", str(tmp_path / "final")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    dam = read_checkpoint(str(tmp_path / "stages" / "merged_dam"))
+    for name, value in artifact_merge(artifact).items():  # the trained coefficients, applied exactly
+        torch.testing.assert_close(dam[name].double(), value, atol=1e-5, rtol=1e-5, msg=name)
+    ties, final = read_checkpoint(str(tmp_path / "stages" / "merged_ties")), read_checkpoint(str(tmp_path / "final"))
+    assert set(final) == set(dam)
+    for name, value in final.items():
+        torch.testing.assert_close(value, (dam[name] + ties[name]) / 2, atol=1e-6, rtol=1e-5, msg=name)

@@ -1,8 +1,10 @@
-"""The demo: the lab's experts merged six ways through stock mergekit-yaml, then compared.
+"""The demo: the lab's experts merged six ways through stock mergekit, then compared.
 
 Builds (or reuses) the lab (lab.py), writes the six configs of `example_configs/lab/`
 (dam, dam_retain, linear, task_arithmetic, ties, dare_ties) for this lab
-directory, runs `mergekit-yaml` on each (DAM trains inside its merge), checks the DAM
+directory, runs `mergekit-yaml` on each DAM config (DAM trains inside its merge; each in
+its own process, so its time is DAM's) and the four others as one `mergekit-multi`
+pipeline (one process: mergekit's start-up, about 6 s, once), checks the DAM
 output against sum_i c_i * W_i recomputed from the checkpoints, scores base, experts and
 merges on every skill's held-out data (compare.py) and prints the table, each merge's
 retention of the experts' gains, and where the chart is.
@@ -16,7 +18,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import yaml
@@ -88,9 +90,21 @@ def _mergekit_yaml(config: dict, config_path: str, out: str, quiet: bool, option
     """Seconds a stock `mergekit-yaml` run of `config` took; `options`: more of its flags (e.g. --cuda)."""
     with open(config_path, "w", encoding="utf-8") as handle:
         yaml.safe_dump(config, handle, sort_keys=False)
-    command = [os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), config_path, out, "--random-seed", "0", *options]
-    if quiet:
-        command.append("--quiet")
+    return _run([os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), config_path, out], quiet, options)
+
+
+def _mergekit_multi(configs: Dict[str, dict], config_path: str, folder: str, quiet: bool) -> float:
+    """Seconds one stock `mergekit-multi` run (mergekit's multi-stage pipeline: several merges in
+    one process) took to write each config's merge to `folder`/merged-NAME."""
+    # a stage's name must differ from every method's: mergekit-multi reads any string equal to a
+    # stage's name as a reference to that stage's output (`merge_method: ties` included)
+    with open(config_path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump_all([{"name": f"merged-{name}", **config} for name, config in configs.items()], handle, sort_keys=False)
+    return _run([os.path.join(os.path.dirname(sys.executable), "mergekit-multi"), config_path, "-I", folder, "--no-lazy"], quiet)
+
+
+def _run(command: List[str], quiet: bool, options: Sequence[str] = ()) -> float:
+    command = [*command, "--random-seed", "0", *options, *(["--quiet"] if quiet else [])]
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL if quiet else None)
     return time.perf_counter() - start
@@ -118,19 +132,22 @@ def run_demo(workdir: str, quiet: bool = False, recipe=None, dam_settings: Optio
     os.makedirs(workdir, exist_ok=True)
     manifest = build(os.path.join(workdir, "lab"), **({"recipe": recipe} if recipe else {}), progress=not quiet)
     artifact = os.path.join(workdir, "dam_coefficients.safetensors")
-    seconds = {}
-    for name, config in merge_configs(manifest, artifact, dam_settings).items():
-        seconds[name] = _mergekit_yaml(config, os.path.join(workdir, f"{name}.yml"), os.path.join(workdir, f"merged-{name}"), quiet)
+    configs = merge_configs(manifest, artifact, dam_settings)
+    seconds = {name: _mergekit_yaml(configs.pop(name), os.path.join(workdir, f"{name}.yml"), os.path.join(workdir, f"merged-{name}"), quiet)
+               for name in ("dam", "dam_retain")}  # each in its own process: its time is DAM's cost
+    seconds["simple merges"] = _mergekit_multi(configs, os.path.join(workdir, "simple_merges.yml"), workdir, quiet)
+    merges = ["dam", "dam_retain", *configs]
     worst = max(check_dam_output(os.path.join(workdir, "merged-dam"), artifact),
                 check_dam_output(os.path.join(workdir, "merged-dam_retain"), retain_artifact_of(artifact)))
 
     models = {"base": manifest["base"], **{f"expert:{s}": manifest["skills"][s]["expert"] for s in SKILLS},
-              **{name: os.path.join(workdir, f"merged-{name}") for name in seconds}}
+              **{name: os.path.join(workdir, f"merged-{name}") for name in merges}}
     results = score(models, Suite.from_lab(manifest))
-    outputs = write_outputs(results, os.path.join(workdir, "compare"), highlight=list(seconds))
+    outputs = write_outputs(results, os.path.join(workdir, "compare"), highlight=merges)
 
     print(f"\nDAM demo in {workdir}: lab of 4 experts ({', '.join(SKILLS)}) fine-tuned from one base")
-    print("merges via mergekit-yaml: " + ", ".join(f"{n} {s:.1f} s" for n, s in seconds.items()))
+    print(f"merges: dam {seconds['dam']:.1f} s and dam_retain {seconds['dam_retain']:.1f} s (mergekit-yaml, each in its own "
+          f"process); {', '.join(configs)} {seconds['simple merges']:.1f} s together (one mergekit-multi run)")
     print(f"DAM apply check: max |merged - sum_i c_i*W_i| = {worst:.2e}\n")
     print("held-out exact-match accuracy per skill (and KL to the skill's expert):")
     print(f"{'model':18s}" + "".join(f"{s:>20s}" for s in SKILLS) + f"{'general NLL':>13s}")
@@ -138,11 +155,11 @@ def run_demo(workdir: str, quiet: bool = False, recipe=None, dam_settings: Optio
         print(f"{name:18s}" + "".join(f"{entry[s]['accuracy']:>11.2f} ({entry[s]['kl']:5.2f})" for s in SKILLS)
               + f"{entry.get('general_nll', float('nan')):13.3f}")
     print("\nretention of each expert's accuracy gain over the base (1 = as good as the expert):")
-    for name in seconds:
+    for name in merges:
         retention = results[name].get("retention", {})
         print(f"{name:18s}" + "".join(f"{retention.get(s, {}).get('accuracy', float('nan')):>20.2f}" for s in SKILLS))
     print(f"\ntable: {outputs['table']}\nchart: {outputs['chart']}\nJSON:  {outputs['json']}")
     print(f"inspect the learned coefficients: mergekit-dam inspect {artifact}")
     if worst > 1e-5:
         raise SystemExit("demo check failed: the DAM output does not match its coefficients")
-    return {"max_error": worst, "seconds": seconds, "results": results, "outputs": outputs}
+    return {"max_error": worst, "merges": merges, "seconds": seconds, "results": results, "outputs": outputs}
