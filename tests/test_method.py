@@ -10,6 +10,7 @@ import yaml
 from conftest import (
     BIN,
     artifact_merge,
+    artifact_rows,
     dam_config,
     expected_merge,
     lab_dam_config,
@@ -243,30 +244,36 @@ def test_spec_parameters_carry_the_settings_descriptions():
         assert parameter.description == fields[parameter.name].description and parameter.description
 
 
-def test_dam_trains_inside_mergekit_multi_and_feeds_a_later_merge(lab, tmp_path):
-    """mergekit's multi-stage pipeline (`mergekit-multi`, one process): a dam merge beside a
-    ties merge, both the inputs of a final linear merge. Each output against its own
-    recomputation from the checkpoints."""
+def test_dam_is_a_mergekit_multi_stage_reading_one_stage_and_feeding_another(lab, tmp_path):
+    """mergekit's multi-stage pipeline (`mergekit-multi`, one process): a ties stage, a dam
+    stage that takes it as one of its inputs, and a final linear merge of the two. Each output
+    against its own recomputation from the checkpoints."""
     artifact = tmp_path / "dam.safetensors"
-    # merges named otherwise than a method: mergekit-multi reads any string equal to a merge's
-    # name as a reference to that merge, `merge_method: dam` included
+    experts, data = lab["experts"], lab["data"]
+    # stages named otherwise than a method: mergekit-multi reads any string equal to a stage's
+    # name as a reference to that stage, `merge_method: dam` included
+    dam = lab_dam_config(lab, artifact, steps=4, seed=0)
+    dam["models"] = [{"model": "merged_ties", "parameters": {"dataset": data[0]}},
+                     *({"model": m, "parameters": {"dataset": d}} for m, d in zip(experts[2:], data[2:]))]
     stages = [
-        {"name": "merged_dam", **lab_dam_config(lab, artifact, steps=4, seed=0)},
         {"name": "merged_ties", "merge_method": "ties", "base_model": lab["base"], "dtype": "float32",
-         "models": [{"model": m, "parameters": {"weight": 0.5, "density": 0.5}} for m in lab["experts"]]},
+         "models": [{"model": m, "parameters": {"weight": 0.5, "density": 0.5}} for m in experts[:2]]},
+        {"name": "merged_dam", **dam},
         {"merge_method": "linear", "dtype": "float32",
          "models": [{"model": name, "parameters": {"weight": 0.5}} for name in ("merged_dam", "merged_ties")]},
     ]
     config = tmp_path / "pipeline.yml"
     config.write_text(yaml.safe_dump_all(stages, sort_keys=False))
-    done = subprocess.run([os.path.join(BIN, "mergekit-multi"), str(config), "-I", str(tmp_path / "stages"),
+    stage_dir = tmp_path / "stages"
+    done = subprocess.run([os.path.join(BIN, "mergekit-multi"), str(config), "-I", str(stage_dir),
                            "--out-path", str(tmp_path / "final")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    dam = read_checkpoint(str(tmp_path / "stages" / "merged_dam"))
+    assert str(stage_dir / "merged_ties") in artifact_rows(artifact)  # DAM learned a row for the ties stage
+    merged = read_checkpoint(str(stage_dir / "merged_dam"))
     for name, value in artifact_merge(artifact).items():  # the trained coefficients, applied exactly
-        torch.testing.assert_close(dam[name].double(), value, atol=1e-5, rtol=1e-5, msg=name)
-    ties, final = read_checkpoint(str(tmp_path / "stages" / "merged_ties")), read_checkpoint(str(tmp_path / "final"))
-    assert set(final) == set(dam)
+        torch.testing.assert_close(merged[name].double(), value, atol=1e-5, rtol=1e-5, msg=name)
+    ties, final = read_checkpoint(str(stage_dir / "merged_ties")), read_checkpoint(str(tmp_path / "final"))
+    assert set(final) == set(merged)
     for name, value in final.items():
-        torch.testing.assert_close(value, (dam[name] + ties[name]) / 2, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(value, (merged[name] + ties[name]) / 2, atol=1e-6, rtol=1e-5, msg=name)
