@@ -1,6 +1,7 @@
-"""The benchmark scripts' config helpers (benchmarks/real_model.py, benchmarks/lab_variants.py):
-the NAME:key=value syntax of a DAM run and the mergekit configs the real-model benchmark writes,
-checked against configs written out by hand."""
+"""The benchmark scripts' helpers (benchmarks/real_model.py, benchmarks/lab_variants.py,
+benchmarks/packing_mask.py): the NAME:key=value syntax of a DAM run and the mergekit configs the
+real-model benchmark writes, checked against configs written out by hand, and the packed
+micro-batch of the packing check, against its definition."""
 
 import importlib.util
 import os
@@ -67,3 +68,23 @@ def test_real_model_merge_configs(real_model):
         "models": [{"model": "/e/a", "parameters": {"dataset": "/d/a.jsonl"}},
                    {"model": "/e/s", "parameters": {"dataset": "/d/s.jsonl"}}],
         "parameters": {"coefficients": "/w/merges/dam.safetensors", "seed": 0, "lr": 0.01}}
+
+
+def test_packing_mask_micro_batch_places_every_example_and_masks_each_alone():
+    """benchmarks/packing_mask.py (a check prepared for a lent GPU): its packed micro-batch
+    holds each example's tokens at its place, positions restarting at 0, and its 4D mask lets
+    a position see exactly the earlier positions of its own example."""
+    import torch
+
+    (padded, padded_mask), (ids, positions, mask4d), places = _script("packing_mask").micro_batch(12, 48, seed=3)
+    assert sorted(k for k, *_ in places) == list(range(12))
+    seen = torch.zeros_like(ids, dtype=torch.bool)
+    for k, row, start, n in places:
+        assert int(padded_mask[k].sum()) == n
+        assert torch.equal(ids[row, start : start + n], padded[k, :n])
+        assert torch.equal(positions[row, start : start + n], torch.arange(n))
+        block = mask4d[row, 0, start : start + n]
+        assert torch.equal(block[:, start : start + n], torch.tril(torch.ones(n, n, dtype=torch.bool)))
+        assert not block[:, :start].any() and not block[:, start + n :].any()
+        seen[row, start : start + n] = True
+    assert int(seen.sum()) == int(padded_mask.sum())
