@@ -1,5 +1,5 @@
 """A copy of the lab whose experts keep only the largest entries of their task vectors (TIES's
-trim, per tensor, by magnitude), to see whether sparser task vectors interfere less under DAM:
+trim, per tensor, by magnitude: mergekit's own `sparsify.magnitude`), to see whether sparser task vectors interfere less under DAM:
 
     python benchmarks/trimmed_lab.py --lab dam-lab --density 0.5 --out /tmp/lab-trimmed-0.5
     python benchmarks/lab_variants.py --lab /tmp/lab-trimmed-0.5 --out /tmp/v --variant t:defaults,seed=0
@@ -13,19 +13,10 @@ import json
 import os
 import shutil
 
-import torch
+from mergekit.sparsify import magnitude
 from safetensors.torch import load_file, save_file
 
 from mergekit_dam.tools.lab import build, fingerprint
-
-
-def trim(task_vector: torch.Tensor, density: float) -> torch.Tensor:
-    """The entries at or above the (1 - density) quantile of |task_vector|; the rest zero."""
-    if task_vector.numel() <= 1:
-        return task_vector
-    keep = max(1, int(density * task_vector.numel()))
-    threshold = task_vector.abs().flatten().kthvalue(task_vector.numel() - keep + 1).values
-    return task_vector * (task_vector.abs() >= threshold)
 
 
 def main():
@@ -42,7 +33,7 @@ def main():
     base = load_file(os.path.join(manifest["base"], "model.safetensors"))
     for entry in manifest["skills"].values():
         expert = load_file(os.path.join(entry["expert"], "model.safetensors"))
-        trimmed = {name: (base[name] + trim(tensor - base[name], args.density)).contiguous() for name, tensor in expert.items()}
+        trimmed = {name: (base[name] + magnitude(tensor - base[name], args.density)).contiguous() for name, tensor in expert.items()}
         save_file(trimmed, os.path.join(entry["expert"].replace(source, out), "model.safetensors"), metadata={"format": "pt"})
     copy = json.loads(json.dumps(manifest).replace(source, out))  # the copy's paths
     copy["fingerprint"] = fingerprint(copy)  # its own tensors: not the reference build's
