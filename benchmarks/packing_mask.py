@@ -21,36 +21,23 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mergekit_dam.tools.lab import build
-from mergekit_dam.training.data import collate
+from mergekit_dam.training.data import Batch, Example
+from mergekit_dam.training.packing import pack
 
 
 def micro_batch(count: int, width: int, seed: int):
-    """`count` examples of 6-44 tokens (the lab's range): padded ids and mask; packed ids,
-    position ids and 4D mask (first fit in rows of `width`); each example's (row, start, length)."""
+    """`count` examples of 6-44 tokens (the lab's range), padded (Batch.of) and packed as
+    training packs them (packing.pack, rows of `width`), and the packed rows' block-diagonal
+    causal 4D mask: a position sees the earlier positions of its own example, whose start is
+    where the position ids restart at 0 (the row's padding tail counts as one more example)."""
     generator = torch.Generator().manual_seed(seed)
     lengths = [int(torch.randint(6, 45, (1,), generator=generator)) for _ in range(count)]
-    examples = [torch.randint(3, 100, (n,), generator=generator).tolist() for n in lengths]
-    padded_ids, padded_mask = collate(examples, pad_id=0)
-    rows, places = [], []
-    for k, n in sorted(enumerate(lengths), key=lambda item: -item[1]):
-        row = next((r for r, used in enumerate(rows) if used + n <= width), len(rows))
-        if row == len(rows):
-            rows.append(0)
-        places.append((k, row, rows[row], n))
-        rows[row] += n
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    positions = torch.zeros(len(rows), width, dtype=torch.long)
-    segment = torch.full((len(rows), width), -1, dtype=torch.long)
-    for k, row, start, n in places:
-        ids[row, start : start + n] = torch.tensor(examples[k])
-        positions[row, start : start + n] = torch.arange(n)
-        segment[row, start : start + n] = k
-    for row, used in enumerate(rows):  # the tail: one more (unscored) example, as packing.pack does
-        positions[row, used:] = torch.arange(width - used)
-        segment[row, used:] = count + row
-    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+    examples = [Example(torch.randint(3, 100, (n,), generator=generator).tolist()) for n in lengths]
+    padded, packed = Batch.of(examples, range(count), pad_id=0), pack(examples, range(count), width, pad_id=0)
+    segment = (packed.position_ids == 0).cumsum(dim=1)
+    causal = torch.tril(torch.ones(packed.ids.shape[1], packed.ids.shape[1], dtype=torch.bool))
     mask4d = ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]
-    return (padded_ids, padded_mask), (ids, positions, mask4d), places
+    return padded, packed, mask4d
 
 
 def main():
@@ -67,13 +54,12 @@ def main():
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     manifest = build(os.path.abspath(args.lab), progress=False)
     model = AutoModelForCausalLM.from_pretrained(manifest["base"], dtype=dtype).to(device)
-    (padded_ids, padded_mask), (ids, positions, mask4d), places = micro_batch(args.examples, args.width, seed=0)
+    padded, packed, mask4d = micro_batch(args.examples, args.width, seed=0)
     ways = {
-        "padded": {"input_ids": padded_ids, "attention_mask": padded_mask},
-        "packed, position ids": {"input_ids": ids, "attention_mask": None, "position_ids": positions},
-        "packed, 4D mask": {"input_ids": ids, "attention_mask": mask4d, "position_ids": positions},
+        "padded": padded.inputs(device),
+        "packed, position ids": packed.inputs(device),  # what training passes
+        "packed, 4D mask": {**packed.inputs(device), "attention_mask": mask4d.to(device)},
     }
-    ways = {name: {k: (v.to(device) if v is not None else None) for k, v in inputs.items()} for name, inputs in ways.items()}
 
     def step(inputs):
         logits = model(**inputs, use_cache=False).logits
@@ -88,7 +74,7 @@ def main():
     agreement = {}
     for name in ("packed, position ids", "packed, 4D mask"):  # each example's logits against its padded row
         agreement[name] = max(float((logits[name][row, start : start + n].float() - logits["padded"][k, :n].float()).abs().max())
-                              for k, row, start, n in places)
+                              for k, ((row, start), n) in enumerate(zip(packed.places, padded.mask.sum(dim=1).tolist())))
     for inputs in ways.values():  # warm-up
         for _ in range(5):
             step(inputs)
@@ -103,7 +89,7 @@ def main():
     times = {name: statistics.median(values) for name, values in samples.items()}
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
               "torch": torch.__version__, "dtype": str(dtype), "examples": args.examples,
-              "padded_shape": list(padded_ids.shape), "packed_shape": list(ids.shape),
+              "padded_shape": list(padded.ids.shape), "packed_shape": list(packed.ids.shape),
               "median_step_ms": {name: 1000 * t for name, t in times.items()},
               "ratio_to_padded": {name: t / times["padded"] for name, t in times.items()},
               "max_abs_logit_difference_to_padded": agreement}

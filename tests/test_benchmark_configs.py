@@ -70,21 +70,20 @@ def test_real_model_merge_configs(real_model):
         "parameters": {"coefficients": "/w/merges/dam.safetensors", "seed": 0, "lr": 0.01}}
 
 
-def test_packing_mask_micro_batch_places_every_example_and_masks_each_alone():
-    """benchmarks/packing_mask.py (a check prepared for a lent GPU): its packed micro-batch
-    holds each example's tokens at its place, positions restarting at 0, and its 4D mask lets
-    a position see exactly the earlier positions of its own example."""
+def test_packing_mask_micro_batch_masks_each_packed_example_alone():
+    """benchmarks/packing_mask.py (a check prepared for a lent GPU): its 4D mask lets a packed
+    position see exactly the earlier positions of its own example, and the packed rows hold
+    every padded example's tokens at its place, positions restarting at 0."""
     import torch
 
-    (padded, padded_mask), (ids, positions, mask4d), places = _script("packing_mask").micro_batch(12, 48, seed=3)
-    assert sorted(k for k, *_ in places) == list(range(12))
-    seen = torch.zeros_like(ids, dtype=torch.bool)
-    for k, row, start, n in places:
-        assert int(padded_mask[k].sum()) == n
-        assert torch.equal(ids[row, start : start + n], padded[k, :n])
-        assert torch.equal(positions[row, start : start + n], torch.arange(n))
+    padded, packed, mask4d = _script("packing_mask").micro_batch(12, 48, seed=3)
+    seen = torch.zeros_like(packed.ids, dtype=torch.bool)
+    for k, (row, start) in enumerate(packed.places):
+        n = int(padded.mask[k].sum())
+        assert torch.equal(packed.ids[row, start : start + n], padded.ids[k, :n])
+        assert torch.equal(packed.position_ids[row, start : start + n], torch.arange(n))
         block = mask4d[row, 0, start : start + n]
         assert torch.equal(block[:, start : start + n], torch.tril(torch.ones(n, n, dtype=torch.bool)))
         assert not block[:, :start].any() and not block[:, start + n :].any()
         seen[row, start : start + n] = True
-    assert int(seen.sum()) == int(padded_mask.sum())
+    assert int(seen.sum()) == int(padded.mask.sum())
