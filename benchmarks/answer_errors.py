@@ -24,9 +24,7 @@ def main():
     records = read_records(manifest["skills"][args.skill]["held_out"])[: args.n]
     answers = [r["answer"] for r in records]
     for path in args.models:
-        scorer = Scorer(path)
-        longest = max(len(scorer.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
-        outputs = [o.strip() for o in scorer.greedy([r["prompt"] for r in records], longest + 2)]
+        outputs = Scorer(path).answers(records)  # as compare's exact match decodes them
         exact = sum(o == a for o, a in zip(outputs, answers)) / len(records)
         characters = sum(sum(x == y for x, y in zip(o, a)) for o, a in zip(outputs, answers)) / sum(map(len, answers))
         length = sum(len(o) == len(a) for o, a in zip(outputs, answers)) / len(records)

@@ -137,13 +137,17 @@ class Scorer:
                 break
         return [self.tokenizer.decode(g, skip_special_tokens=True) for g in generated]
 
+    def answers(self, records: List[dict]) -> List[str]:
+        """Greedy answers to `records`' prompts, each up to the longest answer's tokens plus 2
+        (room to stop), stripped."""
+        longest = max(len(self.tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in records)
+        return [out.strip() for out in self.greedy([r["prompt"] for r in records], longest + 2)]
+
     def accuracy(self, records: List[dict]) -> Optional[float]:
         answered = [r for r in records if "answer" in r]
         if not answered:
             return None
-        longest = max(len(self.tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in answered)
-        outputs = self.greedy([r["prompt"] for r in answered], longest + 2)
-        return sum(out.strip() == r["answer"].strip() for out, r in zip(outputs, answered)) / len(answered)
+        return sum(out == r["answer"].strip() for out, r in zip(self.answers(answered), answered)) / len(answered)
 
 
 def texts_of(records: List[dict]) -> List[str]:
