@@ -12,18 +12,49 @@ runs in its own `mergekit-yaml` process, so the training report's peak RSS is th
 variant's own. Prints per-skill exact match, KL to the skill's expert and NLL retention,
 training time and peak memory, and what distinguishes the experts in the coefficients
 (`inspect`: spread across experts, correlation of their rows, dominance); writes variants.json.
+`--calibration held-out` or `fresh:N` trains on other data than the lab's calibration sets, to
+tell what limits a merge: the fit of the scored prompts, or the amount of data.
 """
 
 import argparse
 import json
 import os
 
+import torch
 import yaml
 
 from mergekit_dam.tools.compare import Suite, score
 from mergekit_dam.tools.demo import _mergekit_yaml, merge_configs
 from mergekit_dam.tools.inspect_artifact import summarize
-from mergekit_dam.tools.lab import SKILLS, build
+from mergekit_dam.tools.lab import SKILLS, Recipe, build, sample, skill_generators
+
+HELD_OUT_COPIES = 5  # so that every scored prompt is in DAM's training split (it holds out 20% for validation)
+
+
+def calibration_sets(manifest: dict, source: str, folder: str) -> dict:
+    """The manifest with each skill's DAM data replaced, for the diagnostics of what limits a merge:
+    `lab`: the lab's own calibration files (unchanged); `held-out`: the scored prompts themselves,
+    with their answers, as plain text like the lab's (an upper bound: how well coefficients can fit
+    the very prompts that are scored); `fresh:N`: N new draws of each skill from the lab's own
+    generators, fine-tuning split only (so never a scored prompt): what more data buys."""
+    if source == "lab":
+        return manifest
+    kind, _, count = source.partition(":")
+    if kind not in ("held-out", "fresh") or (kind == "fresh") != count.isdigit():
+        raise ValueError(f"--calibration {source}: use lab, held-out or fresh:N")
+    generators = skill_generators(Recipe().seed)
+    skills = {}
+    for index, (skill, entry) in enumerate(manifest["skills"].items()):
+        if kind == "held-out":
+            with open(entry["held_out"], encoding="utf-8") as handle:
+                pairs = [(r["prompt"], r["answer"]) for r in map(json.loads, handle)] * HELD_OUT_COPIES
+        else:
+            pairs = sample(generators[skill], "train", int(count), torch.Generator().manual_seed(777 + index))
+        path = os.path.join(folder, f"{skill}.{kind}.jsonl")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps({"text": prompt + answer}) + "\n" for prompt, answer in pairs)
+        skills[skill] = {**entry, "calibration": path}
+    return {**manifest, "skills": skills}
 
 
 def variant(text: str) -> tuple:
@@ -44,6 +75,18 @@ def distinctness(artifact: str) -> dict:
             "dominance": {os.path.basename(m): sum(s["dominance"][i] for s in stats) / len(stats) for i, m in enumerate(summary["models"])}}
 
 
+def training_kl(report: dict, last: int = 50) -> dict:
+    """Each expert's KL on its training micro-batches, averaged over the last steps: set against the
+    report's held-out KL it tells a merge that fits its data but not new prompts from one that fits neither."""
+    curve = report["loss_curve"][-last:]
+    return {expert: sum(point["kl"][expert] for point in curve) / len(curve) for expert in curve[-1]["kl"]} if curve else {}
+
+
+def _figure(value) -> str:
+    """A statistic for the summary line; None where it is undefined (one coefficient per tensor: no row correlation)."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--lab", default="dam-lab")
@@ -51,12 +94,19 @@ def main():
     parser.add_argument("--variant", type=variant, action="append", required=True)
     parser.add_argument("--skills", type=lambda text: text.split(","), default=list(SKILLS),
                         help="merge and score only these experts (comma-separated), e.g. shift,translate")
+    parser.add_argument("--calibration", default="lab", help=(
+        "DAM's data: `lab` (the lab's calibration sets), `held-out` (the scored prompts themselves: an upper "
+        "bound) or `fresh:N` (N new draws per skill from the lab's generators, never a scored prompt)"))
     args = parser.parse_args()
     if unknown := set(args.skills) - set(SKILLS):
         parser.error(f"--skills: unknown {', '.join(sorted(unknown))}; the lab's skills are {', '.join(SKILLS)}")
     os.makedirs(args.out, exist_ok=True)
     manifest = build(os.path.abspath(args.lab))  # absolute: mergekit takes a relative name for a hub id
     manifest = {**manifest, "skills": {s: e for s, e in manifest["skills"].items() if s in args.skills}}
+    try:
+        manifest = calibration_sets(manifest, args.calibration, args.out)
+    except ValueError as error:
+        parser.error(str(error))
     skills = list(manifest["skills"])
     models, reports, coefficients = {}, {}, {}
     for name, settings in args.variant:
@@ -84,11 +134,13 @@ def main():
         print(f"{name:14s} training {report['seconds']:.1f} s, peak RSS {report['peak_memory_bytes'] / 2**30:.2f} GiB, "
               f"held-out KL (calibration tail) {sum(report['held_out_kl']['final'].values()) / len(skills):.3f} "
               f"(linear {sum(report['held_out_kl']['step_0_linear_average'].values()) / len(skills):.3f}); coefficients: "
-              f"spread {coefficients[name]['spread']:.3f}, row correlation {coefficients[name]['correlation']:.3f}, dominance "
+              f"spread {coefficients[name]['spread']:.3f}, row correlation {_figure(coefficients[name]['correlation'])}, dominance "
               + ", ".join(f"{m} {share:.2f}" for m, share in coefficients[name]["dominance"].items()))
     with open(os.path.join(args.out, "variants.json"), "w") as handle:
-        json.dump({"variants": dict(args.variant), "skills": skills, "results": results, "coefficients": coefficients,
-                   "reports": {m: {k: r[k] for k in ("seconds", "peak_memory_bytes", "held_out_kl")} for m, r in reports.items()}}, handle, indent=1)
+        json.dump({"variants": dict(args.variant), "skills": skills, "calibration": args.calibration,
+                   "results": results, "coefficients": coefficients,
+                   "reports": {m: {**{k: r[k] for k in ("seconds", "peak_memory_bytes", "held_out_kl")},
+                                   "training_kl_last_50": training_kl(r)} for m, r in reports.items()}}, handle, indent=1)
 
 
 if __name__ == "__main__":

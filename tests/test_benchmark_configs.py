@@ -87,3 +87,29 @@ def test_packing_mask_micro_batch_masks_each_packed_example_alone():
         assert not block[:, :start].any() and not block[:, start + n :].any()
         seen[row, start : start + n] = True
     assert int(seen.sum()) == int(padded.mask.sum())
+
+
+def test_lab_variants_calibration_sets(lab_variants, tmp_path):
+    """`held-out`: the scored prompts with their answers, as the lab's plain text; `fresh:N`: new
+    draws from the fine-tuning split, none of them a scored prompt; `lab`: the manifest as it is."""
+    import json
+
+    from mergekit_dam.tools.lab import split_of
+
+    held = tmp_path / "shift.held_out.jsonl"
+    held.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in [("abc>", "BCD"), ("xy>", "YZ")]))
+    manifest = {"base": "b", "skills": {"shift": {"expert": "e", "calibration": "lab.jsonl", "held_out": str(held)}}}
+    assert lab_variants.calibration_sets(manifest, "lab", str(tmp_path)) is manifest
+
+    upper = lab_variants.calibration_sets(manifest, "held-out", str(tmp_path))["skills"]["shift"]
+    texts = [json.loads(line)["text"] for line in open(upper["calibration"])]
+    assert texts == ["abc>BCD", "xy>YZ"] * lab_variants.HELD_OUT_COPIES and upper["expert"] == "e"
+
+    fresh = lab_variants.calibration_sets(manifest, "fresh:30", str(tmp_path))["skills"]["shift"]
+    texts = [json.loads(line)["text"] for line in open(fresh["calibration"])]
+    assert len(texts) == 30
+    for text in texts:
+        prompt, answer = text.split(">")
+        assert split_of(prompt + ">") == "train" and answer == "".join(chr((ord(c) - 97 + 1) % 26 + 65) for c in prompt)
+    with pytest.raises(ValueError, match="fresh:N"):
+        lab_variants.calibration_sets(manifest, "fresh", str(tmp_path))

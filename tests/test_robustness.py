@@ -27,7 +27,7 @@ def environment(tmp_path):
 
 
 def test_sigkill_during_training_resumes_to_the_same_coefficients(lab, tmp_path):
-    settings = {"steps": 300, "checkpoint_every": 10}
+    settings = {"steps": 120, "checkpoint_every": 10}
     reference = tmp_path / "reference.safetensors"
     train(lab_config(lab, reference, **settings))
 
