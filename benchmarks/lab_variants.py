@@ -75,13 +75,6 @@ def distinctness(artifact: str) -> dict:
             "dominance": {os.path.basename(m): sum(s["dominance"][i] for s in stats) / len(stats) for i, m in enumerate(summary["models"])}}
 
 
-def training_kl(report: dict, last: int = 50) -> dict:
-    """Each expert's KL on its training micro-batches, averaged over the last steps: set against the
-    report's held-out KL it tells a merge that fits its data but not new prompts from one that fits neither."""
-    curve = report["loss_curve"][-last:]
-    return {expert: sum(point["kl"][expert] for point in curve) / len(curve) for expert in curve[-1]["kl"]} if curve else {}
-
-
 def _figure(value) -> str:
     """A statistic for the summary line; None where it is undefined (one coefficient per tensor: no row correlation)."""
     return "n/a" if value is None else f"{value:.3f}"
@@ -139,8 +132,8 @@ def main():
     with open(os.path.join(args.out, "variants.json"), "w") as handle:
         json.dump({"variants": dict(args.variant), "skills": skills, "calibration": args.calibration,
                    "results": results, "coefficients": coefficients,
-                   "reports": {m: {**{k: r[k] for k in ("seconds", "peak_memory_bytes", "held_out_kl")},
-                                   "training_kl_last_50": training_kl(r)} for m, r in reports.items()}}, handle, indent=1)
+                   "reports": {m: {k: r.get(k) for k in ("seconds", "peak_memory_bytes", "held_out_kl", "training_kl")}
+                               for m, r in reports.items()}}, handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -63,11 +63,31 @@ def test_training_lowers_held_out_kl_and_the_merge_applies_it(lab, tmp_path):
     for expert in lab["experts"]:
         assert final[expert] < 0.8 * start[expert], (expert, start[expert], final[expert])
     assert len(report["loss_curve"]) == 60 and report["device"] == "cpu" and report["peak_memory_bytes"] > 0
+    assert set(report["training_kl"]) == set(start) and all(0 <= report["training_kl"][e] < start[e] for e in start)
     coefficients = load_file(str(artifact))
     merged = read_checkpoint(str(tmp_path / "out"))
     for name, value in artifact_merge(artifact).items():
         torch.testing.assert_close(merged[name].double(), value, atol=1e-5, rtol=1e-5)
     assert any(not torch.allclose(t, torch.full_like(t, 1 / N)) for t in coefficients.values())
+
+
+def test_the_kl_on_training_examples_is_the_held_out_measure_on_the_kept_coefficients(lab, tmp_path):
+    """Each expert's data is one record many times over, so its training and held-out examples
+    are the same sequence: the report's training KL must be its final held-out KL."""
+    data = []
+    for k, path in enumerate(lab["data"]):
+        with open(path, encoding="utf-8") as handle:
+            record = handle.readline()
+        data.append(tmp_path / f"same{k}.jsonl")
+        data[-1].write_text(record * 30)
+    config = lab_config({**lab, "data": [str(d) for d in data]}, tmp_path / "c.safetensors", steps=20)
+    train_stage(config)
+    report = json.loads((tmp_path / "c.report.json").read_text())
+    final = report["held_out_kl"]["final"]
+    assert set(report["training_kl"]) == set(final) == set(lab["experts"])
+    for expert in final:
+        assert report["training_kl"][expert] == pytest.approx(final[expert], rel=1e-5)
+        assert final[expert] < report["held_out_kl"]["step_0_linear_average"][expert]
 
 
 def test_reuse_retrain_and_determinism(lab, tmp_path, caplog, monkeypatch):

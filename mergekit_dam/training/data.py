@@ -281,9 +281,13 @@ class ExpertData:
     validation: Dict[int, List[Example]] = None  # None: the held-out split serves
 
     def chunks(self, split: str, size: int, pack: Optional[Callable] = None) -> Dict[int, List[Batch]]:
-        """Each expert's `split` ("train", "validation" or "held_out") in consecutive batches
-        of `size` sequences, padded, or made by pack(examples, their indices) (packing.py)."""
-        sets = {"train": self.train, "held_out": self.held_out, "validation": self.validation or self.held_out}[split]
+        """Each expert's `split` ("train", "validation", "held_out", or "train_sample": its first
+        training examples, as many as it holds out) in consecutive batches of `size` sequences,
+        padded, or made by pack(examples, their indices) (packing.py)."""
+        if split == "train_sample":
+            sets = {i: self.train[i][: len(self.held_out[i])] for i in self.experts}
+        else:
+            sets = {"train": self.train, "held_out": self.held_out, "validation": self.validation or self.held_out}[split]
         make = pack or (lambda examples, sequences: Batch(list(sequences), *collate_examples(examples, self.pad_id)))
         spans = {i: [range(k, min(k + size, len(sets[i]))) for k in range(0, len(sets[i]), size)] for i in self.experts}
         return {i: [make([sets[i][k] for k in span], span) for span in spans[i]] for i in self.experts}

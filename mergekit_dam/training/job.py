@@ -44,6 +44,9 @@ class TrainingReport:
     trainable_coefficients: int
     held_out_kl: Dict[str, Dict[str, float]]  # {"step_0_linear_average": {row: KL}, "final": {row: KL}}
     loss_curve: List[dict]  # per step: step, loss, kl per expert (and stage, in layer-wise mode)
+    # the final KL on as many of each expert's training examples as it holds out (end-to-end mode): far
+    # below the held-out KL, the coefficients fit that expert's examples more than its skill
+    training_kl: Optional[Dict[str, float]] = None
     stages: int = 1
     estimate: Optional[dict] = None  # the pre-training estimate (end-to-end mode)
     validation: Optional[dict] = None  # selection.KeepBest.report(): the curve and the kept step (end-to-end mode)
