@@ -1,13 +1,17 @@
 """The benchmark scripts' helpers (benchmarks/real_model.py, benchmarks/lab_variants.py,
 benchmarks/packing_mask.py): the NAME:key=value syntax of a DAM run and the mergekit configs the
-real-model benchmark writes, checked against configs written out by hand, and the packed
-micro-batch of the packing check, against its definition."""
+real-model benchmark writes, checked against configs written out by hand, the data that
+lab_variants' `--calibration` writes, and the packed micro-batch of the packing check, against
+its definition."""
 
 import importlib.util
+import json
 import os
 import sys
 
 import pytest
+
+from mergekit_dam.tools.lab import split_of
 
 HERE = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
 
@@ -92,10 +96,6 @@ def test_packing_mask_micro_batch_masks_each_packed_example_alone():
 def test_lab_variants_calibration_sets(lab_variants, tmp_path):
     """`held-out`: the scored prompts with their answers, as the lab's plain text; `fresh:N`: new
     draws from the fine-tuning split, none of them a scored prompt; `lab`: the manifest as it is."""
-    import json
-
-    from mergekit_dam.tools.lab import split_of
-
     held = tmp_path / "shift.held_out.jsonl"
     held.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in [("abc>", "BCD"), ("xy>", "YZ")]))
     manifest = {"base": "b", "skills": {"shift": {"expert": "e", "calibration": "lab.jsonl", "held_out": str(held)}}}

@@ -71,9 +71,10 @@ def test_training_lowers_held_out_kl_and_the_merge_applies_it(lab, tmp_path):
     assert any(not torch.allclose(t, torch.full_like(t, 1 / N)) for t in coefficients.values())
 
 
-def test_the_kl_on_training_examples_is_the_held_out_measure_on_the_kept_coefficients(lab, tmp_path):
+def test_the_kl_on_training_examples_is_the_held_out_measure(lab, tmp_path):
     """Each expert's data is one record many times over, so its training and held-out examples
-    are the same sequence: the report's training KL must be its final held-out KL."""
+    are the same sequence: the report's training KL, taken with the same coefficients, must be its
+    final held-out KL."""
     data = []
     for k, path in enumerate(lab["data"]):
         with open(path, encoding="utf-8") as handle:
