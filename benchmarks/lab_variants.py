@@ -23,7 +23,7 @@ import os
 import torch
 import yaml
 
-from mergekit_dam.tools.compare import Suite, score
+from mergekit_dam.tools.compare import Suite, read_records, score
 from mergekit_dam.tools.demo import _mergekit_yaml, merge_configs
 from mergekit_dam.tools.inspect_artifact import summarize
 from mergekit_dam.tools.lab import SKILLS, Recipe, build, sample, skill_generators
@@ -46,8 +46,7 @@ def calibration_sets(manifest: dict, source: str, folder: str) -> dict:
     skills = {}
     for index, (skill, entry) in enumerate(manifest["skills"].items()):
         if kind == "held-out":
-            with open(entry["held_out"], encoding="utf-8") as handle:
-                pairs = [(r["prompt"], r["answer"]) for r in map(json.loads, handle)] * HELD_OUT_COPIES
+            pairs = [(r["prompt"], r["answer"]) for r in read_records(entry["held_out"])] * HELD_OUT_COPIES
         else:
             pairs = sample(generators[skill], "train", int(count), torch.Generator().manual_seed(777 + index))
         path = os.path.join(folder, f"{skill}.{kind}.jsonl")
