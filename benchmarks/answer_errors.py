@@ -8,8 +8,8 @@ length, and examples.
 import argparse
 import os
 
+from mergekit_dam.lab import SKILLS, build
 from mergekit_dam.tools.compare import Scorer, read_records
-from mergekit_dam.tools.lab import SKILLS, build
 
 
 def main():

@@ -19,8 +19,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
 from safetensors import safe_open
 
-import mergekit_dam  # noqa: F401  registers dam
-from mergekit_dam.plugin.artifact import write_artifact
+from mergekit_dam import write_artifact  # (importing the package registers dam)
 
 
 def build(workdir, hidden, layers, vocab):

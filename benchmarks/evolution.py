@@ -390,7 +390,7 @@ def parse_args(argv=None):
 
 def read_lab(lab: str) -> dict:
     """The lab's manifest as it is on disk (as compare --lab reads it), built only if missing."""
-    from mergekit_dam.tools.lab import build
+    from mergekit_dam.lab import build
 
     path = os.path.join(lab, "lab.json")
     if not os.path.exists(path):

@@ -7,8 +7,9 @@
     python benchmarks/gpu_train_step.py --variants plain:layer fused:layer fused:weights fused:none
 
 Experts = one random base + small perturbations, built directly on the device in bf16
-(N experts, batch 1 sequence of `--seq` tokens per expert). The DAM step is the trainer's
-own `micro_batch_loss` (modes/end_to_end.py) + backward + AdamW step, the code path `mergekit-yaml` runs. The
+(N experts, batch 1 sequence of `--seq` tokens per expert). The DAM step is one step of the
+training loop itself (`loop.fit`: the mode's `micro_batch_loss`, backward, the host sync,
+clipping and the AdamW step), the code path `mergekit-yaml` runs. The
 floor, measured first in the same process on the same device with one plain bf16 HF
 model of the same geometry: online teachers N x (fwd+bwd) + N x fwd; top-K teachers
 N x (fwd+bwd). Each variant KERNELS:RECOMPUTE (kernels `plain` or `fused`, recompute
@@ -25,20 +26,17 @@ import statistics
 import time
 
 import torch
+from helpers import GEOMETRIES
+from tqdm.auto import tqdm
 
-from mergekit_dam.kernels import plain_kernels
-from mergekit_dam.plugin.config import DamSettings
+from mergekit_dam import DamSettings
+from mergekit_dam.core.kernels import plain_kernels
 from mergekit_dam.training.data import Batch
+from mergekit_dam.training.loop import Problem, fit
+from mergekit_dam.training.merged_model import MergedModel
 from mergekit_dam.training.modes.end_to_end import micro_batch_loss
+from mergekit_dam.training.skeleton import build_skeleton
 from mergekit_dam.training.teachers import make_teacher
-from mergekit_dam.training.view import MergedModel, build_skeleton
-
-GEOMETRIES = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
-    "1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
-    "7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
-}
-
 
 def sync(device):
     if device.type == "cuda":
@@ -56,6 +54,33 @@ def timed(fn, device, warmup, repeats):
         sync(device)
         times.append(time.perf_counter() - start)
     return times
+
+
+class StepClock:
+    """The training loop's per-step hooks (`begin`, and the `select` protocol: over_budget,
+    after_step, finish), used only to read the clock: each step's device-synchronised time."""
+
+    def __init__(self, device):
+        self.device, self.marks = device, []
+
+    def start(self, optimizer):
+        sync(self.device)
+        self.marks.append(time.perf_counter())
+        return None  # not a resumed run
+
+    def over_budget(self) -> bool:
+        return False
+
+    def after_step(self, step: int, spent: bool = False) -> bool:
+        sync(self.device)
+        self.marks.append(time.perf_counter())
+        return False
+
+    def finish(self) -> None:
+        pass
+
+    def seconds(self) -> list:
+        return [later - earlier for earlier, later in zip(self.marks, self.marks[1:])]
 
 
 def peak(device):
@@ -156,19 +181,26 @@ def main():
     del base
     reset_peak(device)  # the peak of training, not of building the stacks from the base's copy
     view = MergedModel(build_skeleton(config, device), stacks)
-    optimizer = torch.optim.AdamW(list(view.raw_parameters().values()), lr=1e-3)
-    settings = DamSettings(batch_size=1, teacher=args.teacher, topk=128)
+    params = list(view.raw_parameters().values())
+    settings = DamSettings(batch_size=1, teacher=args.teacher, topk=128, lr=1e-3, checkpoint_minutes=0)
     experts = list(range(n))
     batch = Batch([0] * n, ids, mask)  # row i: expert i's sequence 0
     teacher = make_teacher(settings, lambda i, b: view.expert_logits(i, b.ids.to(device), b.mask.to(device)), device)
     for index in experts:  # top-K: cached here, before the timed steps
         teacher.prepare(index, [batch.rows(index, index + 1, device)])
 
+    def micro_batch(step, micro):
+        loss, kls = micro_batch_loss(view, experts, batch, teacher, settings, device)
+        return loss, batch.mask.sum(), kls
+
+    def dam_steps(count: int) -> list:
+        """Seconds of each of `count` steps of one run of the training loop."""
+        clock = StepClock(device)
+        fit(Problem(params, count, micro_batch), settings, tqdm(disable=True), begin=clock.start, select=clock)
+        return clock.seconds()
+
     def dam_step():
-        loss, _ = micro_batch_loss(view, experts, batch, teacher, settings, device)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        dam_steps(1)
 
     floor_median = statistics.median(floor_times)
     result = {
@@ -185,11 +217,12 @@ def main():
         reset_peak(device)
         try:
             with plain_kernels() if kernels == "plain" else contextlib.nullcontext():
-                times = timed(dam_step, device, args.warmup, args.repeats) if variant in args.variants else None
+                times = dam_steps(args.warmup + args.repeats)[args.warmup:] if variant in args.variants else None
                 if variant == args.profile:
                     profiles[variant] = kernel_table(dam_step, device)
         except Exception as error:  # out of memory, or a kernel that fails: the other variants still run
-            optimizer.zero_grad(set_to_none=True)
+            for param in params:
+                param.grad = None
             result["variants"][variant] = {"status": f"{type(error).__name__}: {str(error)[:300]}", "peak_GiB": peak(device) / 2**30}
             print(f"  {variant:16s} failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
             continue

@@ -22,11 +22,12 @@ import os
 
 import torch
 import yaml
+from helpers import read_report, variant
 
+from mergekit_dam.lab import SKILLS, Recipe, build, sample, skill_generators
+from mergekit_dam.lab.demo import mergekit_yaml, merge_configs
 from mergekit_dam.tools.compare import Suite, read_records, score
-from mergekit_dam.tools.demo import _mergekit_yaml, merge_configs
 from mergekit_dam.tools.inspect_artifact import summarize
-from mergekit_dam.tools.lab import SKILLS, Recipe, build, sample, skill_generators
 
 HELD_OUT_COPIES = 5  # so that every scored prompt is in DAM's training split (it holds out 20% for validation)
 
@@ -54,14 +55,6 @@ def calibration_sets(manifest: dict, source: str, folder: str) -> dict:
             handle.writelines(json.dumps({"text": prompt + answer}) + "\n" for prompt, answer in pairs)
         skills[skill] = {**entry, "calibration": path}
     return {**manifest, "skills": skills}
-
-
-def variant(text: str) -> tuple:
-    name, _, settings = text.partition(":")
-    items = [item for item in settings.split(",") if item]
-    over_defaults = bool(items) and items[0] == "defaults"
-    values = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items[over_defaults:])}
-    return name, ({"defaults": True} if over_defaults else {}) | values
 
 
 def distinctness(artifact: str) -> dict:
@@ -108,12 +101,11 @@ def main():
         start = {"coefficients": artifact} if settings.pop("defaults", False) else config["parameters"]
         config["parameters"] = {**start, **settings, "retrain": True}
         models[f"dam:{name}"] = os.path.join(args.out, f"merged-{name}")
-        _mergekit_yaml(config, os.path.join(args.out, f"{name}.yml"), models[f"dam:{name}"], quiet=True)
-        with open(os.path.join(args.out, f"{name}.report.json")) as handle:
-            reports[name] = json.load(handle)
+        mergekit_yaml(config, os.path.join(args.out, f"{name}.yml"), models[f"dam:{name}"], quiet=True)
+        reports[name] = read_report(artifact)
         coefficients[name] = distinctness(artifact)
     models["linear"] = os.path.join(args.out, "merged-linear")
-    _mergekit_yaml(merge_configs(manifest, "")["linear"], os.path.join(args.out, "linear.yml"), models["linear"], quiet=True)
+    mergekit_yaml(merge_configs(manifest, "")["linear"], os.path.join(args.out, "linear.yml"), models["linear"], quiet=True)
     experts = {f"expert:{s}": manifest["skills"][s]["expert"] for s in skills}  # for retention
     results = score({"base": manifest["base"], **experts, **models}, Suite.from_lab(manifest))
     print(f"{'merge':20s}" + "".join(f"{s:>26s}" for s in skills) + f"{'general NLL':>13s}")

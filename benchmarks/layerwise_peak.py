@@ -17,14 +17,11 @@ import os
 import sys
 
 import torch
+from helpers import GEOMETRIES, read_report
+from mergekit.merge import MergeOptions
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_train_step import GEOMETRIES  # noqa: E402
-from mergekit.merge import MergeOptions  # noqa: E402
-
-from mergekit_dam.api import train  # noqa: E402
-from mergekit_dam.plugin.config import DamError  # noqa: E402
-from mergekit_dam.tools.tiny import make_tokenizer  # noqa: E402
+from mergekit_dam import DamError, train
+from mergekit_dam.lab.tiny import make_tokenizer
 
 
 def write_experts(workdir: str, geometry: str, n: int, device: str) -> list:
@@ -79,8 +76,7 @@ def main():
             results[mode] = {"fits": False, "error": str(error)}
             print(f"{mode:12s} does not fit: {error}")
             continue
-        with open(os.path.join(args.workdir, f"{mode}.report.json")) as handle:
-            report = json.load(handle)
+        report = read_report(artifact)
         results[mode] = {"fits": True, "peak_GiB": report["peak_memory_bytes"] / 2**30, "seconds": report["seconds"],
                          "tokens_per_second": report["tokens_per_second"]}
         estimate = (report.get("estimate") or {}).get("peak_bytes")

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from mergekit_dam.kernels import (
+from mergekit_dam.core.kernels import (
     ColumnMerge,
     coefficient_grad,
     fused_for,
@@ -82,7 +82,7 @@ TILES = [(16, 128, 4), (32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 256, 8), (
 
 def sweep(device, n, repeats, bandwidth, generator) -> list:
     """The Triton kernels' time over tile shapes (rows, columns, warps), on the 7B MLP shape."""
-    from mergekit_dam import fused
+    from mergekit_dam.core import fused
 
     rows, columns = 14336, 4096
     experts = torch.randn(n, rows, columns, device=device, generator=generator).to(torch.bfloat16)

@@ -20,7 +20,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from mergekit_dam.tools.lab import build
+from mergekit_dam.lab import build
 from mergekit_dam.training.data import Batch, Example
 from mergekit_dam.training.packing import pack
 

@@ -20,9 +20,11 @@ import shutil
 import time
 
 import torch
-from lab_variants import variant  # benchmarks/, next to this script
+from helpers import variant
 
-from mergekit_dam.tools import demo
+from mergekit_dam import sidecar
+from mergekit_dam.lab import demo, sample, skill_generators
+from mergekit_dam.lab.demo import mergekit_yaml
 from mergekit_dam.tools.compare import (
     Scorer,
     Suite,
@@ -31,8 +33,6 @@ from mergekit_dam.tools.compare import (
     read_records,
     score,
 )
-from mergekit_dam.tools.demo import _mergekit_yaml
-from mergekit_dam.tools.lab import sample, skill_generators
 
 # the user's instruction per lab skill; the lab's own prompt follows it
 INSTRUCTIONS = {
@@ -124,7 +124,8 @@ def fine_tune(base: str, paths: dict, out: str, args, device: str) -> dict:
             return json.load(handle)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_dam.plugin.config import ModelSettings
+    from mergekit_dam import ModelSettings
+    from mergekit_dam.lab import fine_tune as train_steps
     from mergekit_dam.training.data import collate_examples, tokenize
 
     started = time.perf_counter()
@@ -134,28 +135,21 @@ def fine_tune(base: str, paths: dict, out: str, args, device: str) -> dict:
     # the records as DAM itself reads them: chat template, answer tokens marked
     examples = tokenize(ModelSettings(dataset=paths["train"]), tokenizer, base, samples=10**9, max_length=96, seed=0)
     validation = read_records(paths["validation"])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.expert_lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
-    curve, step = [], 0
-    for step in range(1, args.expert_steps + 1):
-        model.train()
+    curve = []
+
+    def batch() -> tuple:  # random examples, the loss on their answers
         picks = torch.randint(0, len(examples), (args.expert_batch,), generator=generator).tolist()
         ids, mask, answer = (t.to(device) for t in collate_examples([examples[i] for i in picks], tokenizer.pad_token_id or 0))
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(answer == 0, -100)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        for group in optimizer.param_groups:
-            group["lr"] = args.expert_lr * (1 - step / args.expert_steps)
-        if step % args.expert_check == 0 or step == args.expert_steps:
-            model.eval()
-            accuracy = Scorer.of(model, tokenizer, device).accuracy(validation)
-            curve.append({"step": step, "loss": loss.item(), "validation_accuracy": accuracy})
-            print(f"  {os.path.basename(out)} step {step} loss {loss.item():.4f} validation EM {accuracy:.3f}", flush=True)
-            if accuracy >= args.expert_target:
-                break
-    model.eval()
+        return ids, mask, ids.masked_fill(answer == 0, -100)
+
+    def check(step: int, loss: float) -> bool:
+        accuracy = Scorer.of(model, tokenizer, device).accuracy(validation)
+        curve.append({"step": step, "loss": loss, "validation_accuracy": accuracy})
+        print(f"  {os.path.basename(out)} step {step} loss {loss:.4f} validation EM {accuracy:.3f}", flush=True)
+        return accuracy >= args.expert_target
+
+    step = train_steps(model, batch, args.expert_steps, args.expert_lr, clip=1.0, check=check, every=args.expert_check)
     model.to("cpu").save_pretrained(out)
     tokenizer.save_pretrained(out)
     log = {"seconds": time.perf_counter() - started, "steps": step, "curve": curve}
@@ -251,10 +245,10 @@ def main():
         out = os.path.join(args.work, "merges", name)
         if not os.path.exists(os.path.join(out, "config.json")):
             config = merge_config(name, spec, base, experts, calibration, args.work)
-            times[f"merge_{name}_s"] = _mergekit_yaml(config, os.path.join(args.work, "merges", f"{name}.yml"), out, quiet=True,
+            times[f"merge_{name}_s"] = mergekit_yaml(config, os.path.join(args.work, "merges", f"{name}.yml"), out, quiet=True,
                                                       options=["--cuda"] if args.device == "cuda" else [])
             print(f"{name}: merged in {times[f'merge_{name}_s']:.1f} s", flush=True)
-        report = os.path.join(args.work, "merges", f"{name}.report.json")
+        report = sidecar(os.path.join(args.work, "merges", f"{name}.safetensors"), "report")
         if args.out and os.path.exists(report):
             shutil.copy(report, args.out)
         settings["runs"][name] = spec

@@ -55,7 +55,7 @@ def main():
 
     import yaml
 
-    from mergekit_dam.tools.tiny import make_family
+    from mergekit_dam.lab.tiny import make_family
 
     rows = []
     for hidden in args.hidden:

@@ -22,8 +22,8 @@ import time
 import torch
 import yaml
 
-from mergekit_dam.plugin.artifact import open_artifact
-from mergekit_dam.tools.lab import SKILLS, Recipe, build
+from mergekit_dam import open_artifact
+from mergekit_dam.lab import SKILLS, Recipe, build
 
 SMALL = Recipe(hidden=32, layers=2, pretrain_steps=30, finetune_steps=60, batch=16, calibration=48, validation=16, held_out=16)
 BIN = os.path.dirname(sys.executable)

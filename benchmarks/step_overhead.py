@@ -17,10 +17,11 @@ import os
 import tempfile
 
 import torch
+from helpers import read_report
 from mergekit.merge import MergeOptions
 
-from mergekit_dam.api import train
-from mergekit_dam.tools.tiny import make_family
+from mergekit_dam import train
+from mergekit_dam.lab.tiny import make_family
 
 
 def main():
@@ -41,8 +42,7 @@ def main():
                   "parameters": {"coefficients": os.path.join(root, "c.safetensors"), "steps": args.steps, "lr": 0.01,
                                  "max_length": 64, "batch_size": 3, "samples": args.records, "seed": 0}}
         train(config, MergeOptions(quiet=True))
-        with open(os.path.join(root, "c.report.json")) as handle:
-            report = json.load(handle)
+        report = read_report(os.path.join(root, "c.safetensors"))
     print(json.dumps({"geometry": vars(args), "seconds": round(report["seconds"], 2),
                       "seconds_per_step": round(report["seconds"] / report["steps"], 4),
                       "tokens_per_second": round(report["tokens_per_second"])}))

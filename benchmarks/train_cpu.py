@@ -12,10 +12,11 @@ import json
 import os
 import tempfile
 
+from helpers import read_report
 from mergekit.merge import MergeOptions
 
-from mergekit_dam.api import train
-from mergekit_dam.tools.tiny import make_family
+from mergekit_dam import train
+from mergekit_dam.lab.tiny import make_family
 
 
 def main():
@@ -40,7 +41,7 @@ def main():
                            "max_length": args.seq, "batch_size": args.batch, "samples": 64, "recompute": args.recompute},
         }
         train(config, MergeOptions(quiet=True))
-        report = json.load(open(os.path.join(root, "c.report.json")))
+        report = read_report(os.path.join(root, "c.safetensors"))
     print(json.dumps({
         "geometry": vars(args),
         "seconds_total": report["seconds"],

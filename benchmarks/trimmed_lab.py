@@ -16,7 +16,7 @@ import shutil
 from mergekit.sparsify import magnitude
 from safetensors.torch import load_file, save_file
 
-from mergekit_dam.tools.lab import build, fingerprint
+from mergekit_dam.lab import build, fingerprint
 
 
 def main():

@@ -14,9 +14,9 @@ import os
 from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
 
+from mergekit_dam.lab import SKILLS, build
+from mergekit_dam.lab.demo import DAM_LAB_SETTINGS, merge_configs
 from mergekit_dam.tools.compare import Suite, score
-from mergekit_dam.tools.demo import DAM_LAB_SETTINGS, merge_configs
-from mergekit_dam.tools.lab import SKILLS, build
 
 CANDIDATES = [
     {},

@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 import yaml
 
-from mergekit_dam.plugin.config import DamError
+from mergekit_dam.core.errors import DamError
 
 
 def load_config(config: Union[str, dict, object]):
@@ -44,10 +44,12 @@ def train(config, options=None, out: Optional[str] = None):
     quiet, caches); mergekit's math-device options do not affect training.
     """
     from mergekit.merge import MergeOptions
-    from mergekit.merge_methods import registry
 
-    import mergekit_dam  # noqa: F401  (registers dam)
     from mergekit_dam.plugin import host, preflight
+    from mergekit_dam.plugin.prepared import PREPARED
+    from mergekit_dam.plugin.registration import register
+
+    register()
 
     config = load_config(config)
     if config.merge_method != "dam":
@@ -57,4 +59,4 @@ def train(config, options=None, out: Optional[str] = None):
     preflight.check_datasets(config)  # as mergekit-yaml does for a dam merge, before mergekit reads a model
     preflight.check_models(config)
     planner = host.plan_merge(config, options or MergeOptions())  # DAM's validate_inputs runs the stage here, as in a merge
-    return registry.get("dam").prepared[planner]
+    return PREPARED.of(planner)

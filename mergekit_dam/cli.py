@@ -7,18 +7,19 @@ import json
 import logging
 import sys
 
-from mergekit_dam.plugin.config import DamError
+from mergekit_dam.core.errors import DamError
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergekit-dam", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     # -q also after the subcommand (SUPPRESS: a subcommand without it keeps the top-level value)
     quiet = argparse.ArgumentParser(add_help=False)
     quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or info logs")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", parents=[quiet], help="merge generated tiny models with dam and linear via mergekit-yaml")
-    demo.add_argument("workdir", nargs="?", default="dam-demo", help="where models, artifact and merges go")
+    demo = commands.add_parser("demo", parents=[quiet], help="build the merge lab, merge its four experts six ways (dam, "
+                               "dam with a retain set, linear, task arithmetic, TIES, DARE-TIES) through mergekit, and compare")
+    demo.add_argument("workdir", nargs="?", default="dam-demo", help="where the lab, configs, artifacts and merges go")
     train = commands.add_parser("train", parents=[quiet], help="learn the coefficients of a dam config without merging")
     train.add_argument("config", help="mergekit YAML config with merge_method: dam")
     train.add_argument("--out", help="artifact path (overrides the config's `coefficients`)")
@@ -28,7 +29,15 @@ def main(argv=None) -> int:
     lab = commands.add_parser("lab", help="the offline merge lab").add_subparsers(dest="lab_command", required=True)
     lab_build = lab.add_parser("build", parents=[quiet], help="build (or reuse) the tiny lab: base, experts, data")
     lab_build.add_argument("dir", nargs="?", default="dam-lab")
-    compare = commands.add_parser("compare", parents=[quiet], help="score models on held-out skill data (and lm-eval tasks); table, JSON, chart")
+    _compare_parser(commands.add_parser("compare", parents=[quiet], help="score models on held-out skill data (and lm-eval "
+                                        "tasks); table, JSON, chart"))
+    inspect = commands.add_parser("inspect", parents=[quiet], help="coefficient statistics and heatmap of an artifact")
+    inspect.add_argument("artifact")
+    inspect.add_argument("--out", help="output dir (default: next to the artifact)")
+    return parser
+
+
+def _compare_parser(compare: argparse.ArgumentParser) -> None:
     compare.add_argument("models", nargs="+", help="model dirs, as PATH or NAME=PATH")
     compare.add_argument("--lab", help="lab dir: its held-out data, experts, base and general text")
     compare.add_argument("--skill", action="append", default=[], metavar="NAME=FILE", help="held-out jsonl per skill")
@@ -46,55 +55,52 @@ def main(argv=None) -> int:
     compare.add_argument("--compute", action="append", default=[], metavar="NAME=FLOAT",
                          help="what making model NAME cost, in forward-token equivalents (0: no search): adds a compute "
                               "column and quality-vs-compute panels")
-    inspect = commands.add_parser("inspect", parents=[quiet], help="coefficient statistics and heatmap of an artifact")
-    inspect.add_argument("artifact")
-    inspect.add_argument("--out", help="output dir (default: next to the artifact)")
-    args = parser.parse_args(argv)
 
+
+def run_demo(args) -> None:
+    from mergekit_dam.lab.demo import run_demo as demo
+
+    demo(args.workdir, quiet=args.quiet)
+
+
+def run_train(args) -> None:
+    from mergekit.merge import MergeOptions
+
+    from mergekit_dam.api import train
+    from mergekit_dam.training import distributed
+
+    options = MergeOptions(quiet=args.quiet, trust_remote_code=args.trust_remote_code,
+                           transformers_cache=args.transformers_cache, lora_merge_cache=args.lora_merge_cache)
+    source = train(args.config, options, out=args.out)
+    if distributed.is_main():
+        print(source.artifact_path or "no datasets configured: equal coefficients 1/N, nothing to train")
+    distributed.shutdown()
+
+
+def run_lab(args) -> None:
+    from mergekit_dam.lab.builder import build
+
+    print(json.dumps(build(args.dir, progress=not args.quiet), indent=1))
+
+
+def run_inspect(args) -> None:
+    from mergekit_dam.tools.inspect_artifact import report, summarize, text_summary
+
+    outputs = report(args.artifact, args.out)
+    print(text_summary(summarize(args.artifact)))
+    print(f"\nJSON: {outputs['json']}\nheatmap: {outputs['heatmap']}\ndominance: {outputs['dominance']}")
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     if args.quiet and args.command != "inspect":  # transformers' bars (loading, writing models) heed its own switch
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
+    handlers = {"demo": run_demo, "train": run_train, "lab": run_lab, "compare": run_compare, "inspect": run_inspect}
     try:
-        if args.command == "demo":
-            from mergekit_dam.tools.demo import run_demo
-
-            run_demo(args.workdir, quiet=args.quiet)
-        elif args.command == "train":
-            from mergekit.merge import MergeOptions
-
-            from mergekit_dam.api import train as train_stage
-
-            options = MergeOptions(
-                quiet=args.quiet,
-                trust_remote_code=args.trust_remote_code,
-                transformers_cache=args.transformers_cache,
-                lora_merge_cache=args.lora_merge_cache,
-            )
-            from mergekit_dam.training import distributed
-
-            source = train_stage(args.config, options, out=args.out)
-            if distributed.is_main():
-                print(source.artifact_path or "no datasets configured: equal coefficients 1/N, nothing to train")
-            distributed.shutdown()
-        elif args.command == "lab":
-            from mergekit_dam.tools.lab import build
-
-            manifest = build(args.dir, progress=not args.quiet)
-            print(json.dumps(manifest, indent=1))
-        elif args.command == "compare":
-            run_compare(args)
-        elif args.command == "inspect":
-            from mergekit_dam.tools.inspect_artifact import (
-                report,
-                summarize,
-                text_summary,
-            )
-
-            outputs = report(args.artifact, args.out)
-            print(text_summary(summarize(args.artifact)))
-            print(f"\nJSON: {outputs['json']}\nheatmap: {outputs['heatmap']}\ndominance: {outputs['dominance']}")
+        handlers[args.command](args)
     except DamError as error:
         print(f"mergekit-dam error: {error}", file=sys.stderr)
         return 1

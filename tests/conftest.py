@@ -15,8 +15,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mergekit_dam.tools.lab import SKILLS, Recipe, build
-from mergekit_dam.tools.tiny import make_family
+from mergekit_dam.lab import SKILLS, Recipe, build
+from mergekit_dam.lab.tiny import make_family
 
 BIN = os.path.dirname(sys.executable)
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergekit_dam.plugin.artifact import FORMAT, Artifact, open_artifact, write_artifact
-from mergekit_dam.plugin.config import DamError
-from mergekit_dam.plugin.inventory import TensorSpec
+from mergekit_dam.core.artifact import FORMAT, Artifact, open_artifact, write_artifact
+from mergekit_dam.core.errors import DamError
+from mergekit_dam.core.tensor_spec import TensorSpec
 
 MODELS = ["org/a", "org/b"]
 
@@ -107,7 +107,7 @@ def test_written_files_get_ordinary_permissions(tmp_path):
     any file a teammate on a shared filesystem reads."""
     import stat
 
-    from mergekit_dam.atomic import atomic_write_text
+    from mergekit_dam.core.atomic import atomic_write_text
 
     previous = os.umask(0o022)
     try:

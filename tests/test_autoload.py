@@ -24,7 +24,7 @@ def test_importing_mergekit_methods_registers_dam_without_importing_the_plugin()
 
 def test_importing_the_plugin_first_registers_once():
     code = (
-        "import mergekit_dam, mergekit_dam.plugin.method as dm\n"
+        "import mergekit_dam, mergekit_dam.plugin.registration as dm\n"
         "from mergekit.merge_methods import registered_methods\n"
         "dm.register(); dm.register()\n"
         "print([m.spec.name for m in registered_methods()].count('dam'))"
@@ -35,7 +35,7 @@ def test_importing_the_plugin_first_registers_once():
 def test_a_foreign_dam_method_is_not_replaced():
     from mergekit.merge_methods import registry
 
-    import mergekit_dam.plugin.method as dm
+    import mergekit_dam.plugin.registration as dm
 
     ours = registry._METHODS.pop("dam")
     try:

@@ -12,10 +12,10 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
 from safetensors.torch import load_file, save_file
 
-from mergekit_dam.plugin.artifact import write_artifact
-from mergekit_dam.plugin.config import DamError
-from mergekit_dam.tools.tiny import make_config, make_tokenizer, save_model
-from mergekit_dam.training.modes import end_to_end
+from mergekit_dam.core.artifact import write_artifact
+from mergekit_dam.core.errors import DamError
+from mergekit_dam.lab.tiny import make_config, make_tokenizer, save_model
+from mergekit_dam.training import estimate
 
 FAST = {"steps": 4, "max_length": 24, "batch_size": 2, "samples": 16}
 
@@ -172,7 +172,7 @@ CASES = [
 
 
 def small_lab_family(tmp):
-    from mergekit_dam.tools.tiny import make_family
+    from mergekit_dam.lab.tiny import make_family
 
     return make_family(str(tmp / "qwen"), "qwen2", experts=1, hidden=32)[1]
 
@@ -198,7 +198,7 @@ def test_bad_input_is_reported_and_nothing_is_written(lab, tmp_path, name, build
 
 
 def test_memory_estimate_above_the_device_stops_before_training(lab, tmp_path, monkeypatch):
-    monkeypatch.setattr(end_to_end, "available_memory", lambda device: 1024)
+    monkeypatch.setattr(estimate, "available_memory", lambda device: 1024)
     with pytest.raises(DamError, match=r"training needs about .* GiB on cpu but 0.0 GiB is available; lower max_length"):
         run(config_for(lab, tmp_path), tmp_path)
     assert not (tmp_path / "out").exists() and not (tmp_path / "c.safetensors").exists()
@@ -234,7 +234,7 @@ def test_a_full_disk_during_the_artifact_write_is_one_line_and_leaves_nothing(la
 def test_a_full_disk_during_a_checkpoint_warns_and_training_goes_on(lab, tmp_path, monkeypatch, caplog):
     import errno
 
-    from mergekit_dam.atomic import atomic_write
+    from mergekit_dam.core.atomic import atomic_write
     from mergekit_dam.training import checkpoint
 
     def no_space(temp_path):
@@ -243,7 +243,7 @@ def test_a_full_disk_during_a_checkpoint_warns_and_training_goes_on(lab, tmp_pat
     monkeypatch.setattr(checkpoint, "atomic_save", lambda path, tensors, metadata: atomic_write(path, no_space))
     run(config_for(lab, tmp_path, checkpoint_every=2), tmp_path)
     assert (tmp_path / "out").exists() and (tmp_path / "c.safetensors").exists()
-    assert "c.safetensors.ckpt: No space left on device; free space there or choose a writable location (training continues" in caplog.text
+    assert "c.ckpt: No space left on device; free space there or choose a writable location (training continues" in caplog.text
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".dam-")], "no temp files"
 
 

@@ -11,13 +11,13 @@ import sys
 
 import pytest
 
-from mergekit_dam.tools.lab import split_of
+from mergekit_dam.lab.skills import split_of
 
 HERE = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
 
 
 def _script(name):
-    sys.path.insert(0, HERE)  # real_model imports lab_variants from beside it, as when run as a script
+    sys.path.insert(0, HERE)  # the scripts import their helpers module from beside them, as when run as scripts
     try:
         spec = importlib.util.spec_from_file_location(f"{name}_benchmark", os.path.join(HERE, f"{name}.py"))
         module = importlib.util.module_from_spec(spec)

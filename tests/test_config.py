@@ -4,16 +4,10 @@ import pytest
 import yaml
 from mergekit.config import MergeConfiguration
 
-from mergekit_dam.plugin.config import (
-    README_TABLES,
-    DamError,
-    DamSettings,
-    ModelSettings,
-    check_merge_config,
-    parse_settings,
-    readme_tables,
-    settings_table,
-)
+from mergekit_dam.core.errors import DamError
+from mergekit_dam.core.settings import DamSettings, ModelSettings, parse_settings
+from mergekit_dam.core.settings_table import README_TABLES, readme_tables, settings_table
+from mergekit_dam.plugin.config import check_merge_config
 
 
 def normalised(config: dict) -> MergeConfiguration:
@@ -135,8 +129,8 @@ def test_lab_example_configs_match_the_demo():
 
     import yaml
 
-    from mergekit_dam.tools.demo import merge_configs
-    from mergekit_dam.tools.lab import SKILLS
+    from mergekit_dam.lab.demo import merge_configs
+    from mergekit_dam.lab import SKILLS
 
     root = "./dam-lab"  # "./": mergekit's model card would look "dam-lab/base" up on the hub
     manifest = {"base": f"{root}/base", "general_calibration": f"{root}/data/general.calibration.jsonl", "skills": {
@@ -157,7 +151,7 @@ def test_every_setting_is_documented_with_its_choices(model):
 
 def test_readme_settings_tables_are_generated_from_the_fields():
     """README.md's Configuration tables are `settings_table` output, one row per setting
-    (regenerate: python -c "from mergekit_dam.plugin.config import update_readme_tables; update_readme_tables('README.md')")."""
+    (regenerate: python -c "from mergekit_dam.core.settings_table import update_readme_tables; update_readme_tables('README.md')")."""
     import os
 
     path = os.path.join(os.path.dirname(__file__), "..", "README.md")

@@ -4,8 +4,9 @@ import os
 import pytest
 import torch
 
-from mergekit_dam.plugin.config import DamError, ModelSettings
-from mergekit_dam.tools.tiny import make_tokenizer
+from mergekit_dam.core.errors import DamError
+from mergekit_dam.core.settings import ModelSettings
+from mergekit_dam.lab.tiny import make_tokenizer
 from mergekit_dam.training.data import collate, collate_examples, tokenize
 
 CHAT = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -207,10 +208,11 @@ def test_answer_tokens_under_a_real_chat_template(tmp_path, smollm2):
 
 @pytest.mark.parametrize("lengths, expected", [([16] * 10, 16), ([2048] * 3, 1), ([300, 212], 1), ([2] * 50, 64), ([10, 22], 16)])
 def test_batch_size_auto_takes_about_256_tokens_per_expert(lengths, expected):
-    from mergekit_dam.plugin.config import DamSettings
+    from mergekit_dam.core import auto
+    from mergekit_dam.core.settings import DamSettings
     from mergekit_dam.training.data import Example, ExpertData
 
     data = ExpertData(experts=[0, 1], train={0: [Example([1] * n) for n in lengths], 1: [Example([1] * n) for n in lengths]},
                       held_out={0: [], 1: []}, pad_id=0)
-    assert data.resolve(DamSettings()).batch_size == expected
-    assert data.resolve(DamSettings(batch_size=3)).batch_size == 3  # an explicit value is kept
+    assert auto.batch_size(DamSettings(), data.train_lengths()) == expected
+    assert auto.batch_size(DamSettings(batch_size=3), data.train_lengths()) == 3  # an explicit value is kept

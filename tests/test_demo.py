@@ -2,8 +2,8 @@ import os
 
 from conftest import SMALL_LAB
 
-from mergekit_dam.tools.demo import run_demo
-from mergekit_dam.tools.lab import SKILLS
+from mergekit_dam.lab import SKILLS
+from mergekit_dam.lab.demo import run_demo
 
 
 def test_demo_runs_six_merges_through_mergekit_yaml_and_mergekit_multi_and_compares(tmp_path):

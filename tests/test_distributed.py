@@ -19,7 +19,7 @@ from conftest import (
 from safetensors.torch import load_file
 
 from mergekit_dam.api import train as train_stage
-from mergekit_dam.plugin.config import DamError
+from mergekit_dam.core.errors import DamError
 from mergekit_dam.training.modes import end_to_end
 
 # checkpoints (gathered from the shards) and a non-identity f on the coefficients
@@ -55,7 +55,7 @@ def test_two_processes_learn_what_one_process_learns(lab, tmp_path, single_proce
     assert any(not torch.allclose(t, torch.full_like(t, 0.25)) for t in two.values())  # it trained
     report = json.loads((tmp_path / "sharded.report.json").read_text())
     assert report["processes"] == 2 and len(report["loss_curve"]) == SHARDED["steps"]
-    assert sorted(os.listdir(tmp_path)) == sorted(["dam.yml", "sharded.report.json", "sharded.safetensors", "sharded.safetensors.validation.png"])
+    assert sorted(os.listdir(tmp_path)) == sorted(["dam.yml", "sharded.report.json", "sharded.safetensors", "sharded.validation.png"])
 
     # a stock merge applies the sharded run's artifact without training again
     merged = mergekit_yaml(config_path, str(tmp_path / "out"))
@@ -103,7 +103,7 @@ def test_two_processes_resume_a_single_process_checkpoint(lab, tmp_path, monkeyp
     monkeypatch.setattr(end_to_end, "micro_batch_loss", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train_stage(lab_dam_config(lab, artifact, **parameters))
-    assert os.path.exists(str(artifact) + ".ckpt") and not artifact.exists()
+    assert os.path.exists(str(artifact.with_suffix(".ckpt"))) and not artifact.exists()
 
     config_path = write_config(tmp_path / "dam.yml", lab_dam_config(lab, artifact, **parameters))
     result = subprocess.run(
@@ -115,7 +115,7 @@ def test_two_processes_resume_a_single_process_checkpoint(lab, tmp_path, monkeyp
     one, two = single_process, load_file(str(artifact))
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4, msg=name)
-    assert not os.path.exists(str(artifact) + ".ckpt")
+    assert not os.path.exists(str(artifact.with_suffix(".ckpt")))
 
 
 def test_mergekit_yaml_launches_the_processes_itself(lab, tmp_path, single_process):

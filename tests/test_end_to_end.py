@@ -5,12 +5,14 @@ import torch
 from conftest import read_checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from mergekit_dam.plugin.config import DamSettings
+from mergekit_dam.core.settings import DamSettings
 from mergekit_dam.training.data import Batch
+from mergekit_dam.training.expert_group import stack_experts
+from mergekit_dam.training.merged_model import MergedModel
 from mergekit_dam.training.modes.end_to_end import micro_batch_loss
 from mergekit_dam.training.objective import kl_divergence
+from mergekit_dam.training.skeleton import build_skeleton
 from mergekit_dam.training.teachers import Online
-from mergekit_dam.training.view import MergedModel, build_skeleton, stack_experts
 
 
 def test_the_kl_counts_only_the_answer_tokens(families):
@@ -57,8 +59,8 @@ def test_the_kl_counts_only_the_answer_tokens(families):
 
 
 def test_auto_recompute_keeps_activations_only_where_they_fit():
-    from mergekit_dam.plugin.config import DamError
-    from mergekit_dam.training.estimate import recompute_mode
+    from mergekit_dam.core.errors import DamError
+    from mergekit_dam.core.auto import recompute as recompute_mode
 
     peaks = {"weights": 100, "layer": 40, "none": 130}
     assert recompute_mode("auto", False, peaks.get, available=120) == "weights"

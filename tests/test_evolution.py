@@ -12,8 +12,8 @@ import pytest
 import yaml
 from conftest import SMALL_LAB, read_checkpoint
 
+from mergekit_dam.lab import Recipe, build
 from mergekit_dam.tools.compare import Scorer
-from mergekit_dam.tools.lab import Recipe, build
 
 pytest.importorskip("cma")
 

@@ -1,7 +1,7 @@
 import torch
 
 from mergekit_dam.cli import main as cli
-from mergekit_dam.plugin.artifact import write_artifact
+from mergekit_dam.core.artifact import write_artifact
 from mergekit_dam.tools.inspect_artifact import (
     module_of,
     report,

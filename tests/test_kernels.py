@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from mergekit_dam.kernels import combine
+from mergekit_dam.core.kernels import combine
 
 
 @pytest.mark.parametrize("shape", [(5, 7), (7,), (2, 3, 4)])
@@ -62,7 +62,7 @@ def _relative(value, reference):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n, shape", FUSED_CASES)
 def test_fused_kernels_match_the_plain_path_on_gpu(n, shape, dtype):
-    from mergekit_dam.kernels import (
+    from mergekit_dam.core.kernels import (
         coefficient_grad,
         fused_for,
         merge_stack,
@@ -92,7 +92,7 @@ def test_fused_kernels_match_the_plain_path_on_gpu(n, shape, dtype):
 
 @pytest.mark.gpu
 def test_column_merge_backward_runs_the_fused_gradient_on_gpu():
-    from mergekit_dam.kernels import ColumnMerge, plain_kernels
+    from mergekit_dam.core.kernels import ColumnMerge, plain_kernels
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     experts = torch.randn(3, 1024, 512, generator=generator, device="cuda").bfloat16()
@@ -114,7 +114,7 @@ def test_fused_kernels_in_the_triton_interpreter():
         "import torch, sys\n"
         "sys.path.insert(0, %r)\n"
         "from test_kernels import FUSED_CASES, _reference, _relative\n"
-        "from mergekit_dam import fused\n"
+        "from mergekit_dam.core import fused\n"
         "for n, shape in FUSED_CASES:\n"
         "    g = torch.Generator().manual_seed(n)\n"
         "    experts = torch.randn((n, *shape), generator=g).bfloat16()\n"
@@ -130,7 +130,7 @@ def test_fused_kernels_in_the_triton_interpreter():
 
 
 def test_a_fused_kernel_that_fails_falls_back_to_the_plain_path_once(monkeypatch, caplog):
-    from mergekit_dam import kernels
+    from mergekit_dam.core import kernels
 
     class Broken:
         @staticmethod

@@ -8,16 +8,9 @@ import torch
 from conftest import read_checkpoint
 
 from mergekit_dam.cli import main as cli
-from mergekit_dam.tools import lab
-from mergekit_dam.tools.lab import (
-    SKILLS,
-    Recipe,
-    build,
-    check_reference,
-    fingerprint,
-    skill_generators,
-    split_of,
-)
+from mergekit_dam.lab import builder as lab
+from mergekit_dam.lab.builder import Recipe, build, check_reference, fingerprint
+from mergekit_dam.lab.skills import SKILLS, skill_generators, split_of
 
 TINY = Recipe(hidden=16, layers=1, pretrain_steps=3, finetune_steps=3, batch=4, calibration=8, validation=4, held_out=4)
 

@@ -15,8 +15,10 @@ from conftest import (
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mergekit_dam.api import train as train_stage
+from mergekit_dam.training.expert_group import stack_experts
+from mergekit_dam.training.merged_model import MergedModel
 from mergekit_dam.training.modes.layerwise import relative_error
-from mergekit_dam.training.view import MergedModel, build_skeleton, stack_experts
+from mergekit_dam.training.skeleton import build_skeleton
 
 FAST = {"steps": 25, "lr": 0.02, "max_length": 24, "batch_size": 4, "samples": 40, "train_device": "cpu"}
 

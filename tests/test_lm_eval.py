@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from mergekit_dam.cli import main as cli
+from mergekit_dam.lab.builder import write_lm_eval_tasks
 from mergekit_dam.tools.compare import Scorer, read_records
 from mergekit_dam.tools.harness import headline_scores
-from mergekit_dam.tools.lab import write_lm_eval_tasks
 
 LIMIT = 8  # examples per task: enough to compare, fast on the tiny lab
 

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from mergekit_dam.plugin.config import DamError, DamSettings
-from mergekit_dam.training.loop import Stage, fit
+from mergekit_dam.core.errors import DamError
+from mergekit_dam.core.settings import DamSettings
+from mergekit_dam.training.loop import Problem, fit
 from mergekit_dam.training.schedule import lr_factor
 
 
@@ -30,7 +31,7 @@ def quadratic(param, targets):
 def test_accumulation_averages_the_micro_batches():
     settings = DamSettings(lr=0.1, grad_accum=2, grad_clip=0)
     param = torch.nn.Parameter(torch.zeros(1))
-    history = fit(Stage([param], 1, quadratic(param, [1.0, 3.0])), settings, Bar())
+    history = fit(Problem([param], 1, quadratic(param, [1.0, 3.0])), settings, Bar())
     # one AdamW step moves p by lr along -sign(mean gradient) (= -sign(-4) here): 0 -> 0.1
     torch.testing.assert_close(param.detach(), torch.tensor([0.1]))
     assert history == [{"step": 1, "loss": 5.0, "kl": {"x": 5.0}, "tokens": 2}]
@@ -39,7 +40,7 @@ def test_accumulation_averages_the_micro_batches():
 def test_non_finite_loss_names_the_step_the_stage_and_the_fix():
     settings = DamSettings(lr=0.1)
     param = torch.nn.Parameter(torch.zeros(1))
-    stage = Stage([param], 3, lambda step, micro: (param.sum() * float("nan"), 1, {}), name="layer0")
+    stage = Problem([param], 3, lambda step, micro: (param.sum() * float("nan"), 1, {}), name="layer0")
     with pytest.raises(DamError, match=r"loss became nan at step 1 of stage layer0; lower `lr` \(now 0.1\) or `temperature`"):
         fit(stage, settings, Bar())
 
@@ -48,7 +49,7 @@ def test_resume_and_checkpoint_hooks():
     settings = DamSettings(lr=0.1, checkpoint_every=2)
     param = torch.nn.Parameter(torch.zeros(1))
     saved, bar = [], Bar()
-    history = fit(Stage([param], 7, quadratic(param, [1.0]), name="s"), settings, bar,
+    history = fit(Problem([param], 7, quadratic(param, [1.0]), name="s"), settings, bar,
                   begin=lambda optimizer: (3, [{"step": s} for s in (1, 2, 3)]),
                   save=lambda step, optimizer, history: saved.append((step, len(history))))
     assert [entry["step"] for entry in history] == list(range(1, 8)) and history[-1]["stage"] == "s"
@@ -67,11 +68,11 @@ def test_schedules():
 def test_time_based_checkpoints():
     param = torch.nn.Parameter(torch.zeros(1))
     saved = []
-    fit(Stage([param], 4, quadratic(param, [1.0])), DamSettings(lr=0.1, checkpoint_minutes=1e-9), Bar(),
+    fit(Problem([param], 4, quadratic(param, [1.0])), DamSettings(lr=0.1, checkpoint_minutes=1e-9), Bar(),
         save=lambda step, optimizer, history: saved.append(step))
     assert saved == [1, 2, 3]  # due after every step here; never after the last
     saved.clear()
-    fit(Stage([param], 4, quadratic(param, [1.0])), DamSettings(lr=0.1, checkpoint_minutes=0), Bar(),
+    fit(Problem([param], 4, quadratic(param, [1.0])), DamSettings(lr=0.1, checkpoint_minutes=0), Bar(),
         save=lambda step, optimizer, history: saved.append(step))
     assert saved == []
 
@@ -87,7 +88,7 @@ def test_out_of_memory_in_a_step_is_one_line_after_a_checkpoint():
         return quadratic(param, [1.0])(step, micro)
 
     with pytest.raises(DamError) as error:
-        fit(Stage([param], 5, micro_batch), settings, Bar(), save=lambda step, optimizer, history: saved.append((step, len(history))))
+        fit(Problem([param], 5, micro_batch), settings, Bar(), save=lambda step, optimizer, history: saved.append((step, len(history))))
     message = str(error.value)
     assert message.startswith("dam: cpu ran out of memory at step 3 (peak ") and "\n" not in message
     assert "lower max_length (now 512) or batch_size (now 4), use recompute: layer or mode: layerwise" in message
@@ -110,7 +111,7 @@ def test_log_lines_print_above_the_progress_bar_not_into_it(capsys):
     try:
         param = torch.nn.Parameter(torch.zeros(1))
         progress = tqdm(total=3, file=sys.stderr, ascii=True)
-        fit(Stage([param], 3, quadratic(param, [1.0])), DamSettings(lr=0.1), progress, log_eta=True)
+        fit(Problem([param], 3, quadratic(param, [1.0])), DamSettings(lr=0.1), progress, log_eta=True)
         progress.close()
     finally:
         root.removeHandler(handler)

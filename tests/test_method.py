@@ -22,8 +22,8 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
 from mergekit.merge_methods import merge_state_dicts
 
-from mergekit_dam.plugin.artifact import write_artifact
-from mergekit_dam.plugin.config import DamError
+from mergekit_dam.core.artifact import write_artifact
+from mergekit_dam.core.errors import DamError
 
 
 def random_artifact(path, models, rows=None, seed=0, drop=None, widen=None):
@@ -235,7 +235,7 @@ def test_gpu_apply_matches(families, tmp_path, options):
 def test_spec_parameters_carry_the_settings_descriptions():
     from mergekit.merge_methods import registry
 
-    from mergekit_dam.plugin.config import DamSettings, ModelSettings
+    from mergekit_dam.core.settings import DamSettings, ModelSettings
 
     fields = {**DamSettings.model_fields, **ModelSettings.model_fields}
     parameters = registry.get("dam").spec.parameters

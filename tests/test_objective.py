@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from mergekit_dam.plugin.config import DamSettings
+from mergekit_dam.core.settings import DamSettings
 from mergekit_dam.training.objective import (
     balanced,
     coefficient_norms,

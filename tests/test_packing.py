@@ -5,13 +5,15 @@ import torch
 from conftest import read_checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from mergekit_dam.plugin.config import DamSettings
+from mergekit_dam.core.settings import DamSettings
 from mergekit_dam.training import packing
 from mergekit_dam.training.data import Batch, Example, ExpertData, collate_examples
 from mergekit_dam.training.evaluate import held_out_kl
+from mergekit_dam.training.expert_group import stack_experts
+from mergekit_dam.training.merged_model import MergedModel
 from mergekit_dam.training.modes.end_to_end import micro_batch_loss
+from mergekit_dam.training.skeleton import build_skeleton
 from mergekit_dam.training.teachers import Cached, Online
-from mergekit_dam.training.view import MergedModel, build_skeleton, stack_experts
 
 CPU = torch.device("cpu")
 

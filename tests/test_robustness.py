@@ -13,7 +13,7 @@ from conftest import BIN, lab_dam_config, write_config
 from safetensors.torch import load_file, save_file
 
 from mergekit_dam.api import train
-from mergekit_dam.plugin.artifact import Artifact, write_artifact
+from mergekit_dam.core.artifact import Artifact, write_artifact
 
 FAST = {"max_length": 24, "batch_size": 2, "samples": 16, "seed": 0}
 
@@ -35,7 +35,7 @@ def test_sigkill_during_training_resumes_to_the_same_coefficients(lab, tmp_path)
     config = write_config(tmp_path / "dam.yml", lab_config(lab, artifact, **settings))
     command = [os.path.join(BIN, "mergekit-dam"), "-q", "train", config]
     process = subprocess.Popen(command, env=environment(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    checkpoint = str(artifact) + ".ckpt"
+    checkpoint = str(artifact.with_suffix(".ckpt"))
     deadline = time.time() + 120
     while not os.path.exists(checkpoint) and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -55,7 +55,7 @@ def test_sigkill_during_training_resumes_to_the_same_coefficients(lab, tmp_path)
 
 WRITER = """
 import sys, torch
-from mergekit_dam.plugin.artifact import write_artifact
+from mergekit_dam.core.artifact import write_artifact
 path, rows = sys.argv[1], ["a", "b"]
 versions = [{f"t{i}": torch.full((2, 4096), float(v)) for i in range(64)} for v in (1, 2)]
 write_artifact(path, versions[0], rows)
@@ -108,7 +108,7 @@ def test_the_next_write_removes_what_killed_writers_left(tmp_path):
 
 SIBLING_TEMP_WRITER = """
 import os, sys
-from mergekit_dam.atomic import atomic_write
+from mergekit_dam.core.atomic import atomic_write
 
 def write(temp_path):  # as safetensors' save_file does: its own temp file beside the target
     with open(os.path.join(os.path.dirname(temp_path), ".tmpNLEYgs"), "wb") as handle:
@@ -152,10 +152,10 @@ def test_stale_artifact_is_never_applied_after_inputs_change(lab, tmp_path, capl
     data = [shutil.copy(d, tmp_path / f"data{i}.jsonl") for i, d in enumerate(lab["data"])]
     local = {"base": lab["base"], "experts": [str(e) for e in experts], "data": [str(d) for d in data]}
     artifact = tmp_path / "c.safetensors"
-    from mergekit_dam.plugin import stage
+    from mergekit_dam.plugin.prepared import PREPARED
 
     def retrains(**parameters) -> bool:
-        stage._TRAINED.clear()  # as a new process would
+        PREPARED.trained.clear()  # as a new process would
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="mergekit_dam"):
             train(lab_config(local, artifact, steps=3, **parameters))
@@ -222,7 +222,7 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(lab, tmp_path):
     rest = process.stderr.read()
     assert process.wait() == 143, rest[-2000:]
     assert "stopped after step" in rest and "Traceback" not in rest
-    checkpoint = str(artifact) + ".ckpt"
+    checkpoint = str(artifact.with_suffix(".ckpt"))
     assert not artifact.exists() and os.path.exists(checkpoint)
 
     resumed = subprocess.run(command, env=environment(tmp_path), capture_output=True, text=True)

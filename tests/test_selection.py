@@ -95,4 +95,4 @@ def test_a_run_that_only_gets_worse_writes_the_linear_start_and_says_so(lab, tmp
     start = linear_start(artifact, lab["base"])
     for table in load_file(str(artifact)).values():
         torch.testing.assert_close(table, start.expand_as(table))
-    assert (tmp_path / "c.safetensors.validation.png").stat().st_size > 1000
+    assert (tmp_path / "c.validation.png").stat().st_size > 1000

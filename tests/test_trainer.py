@@ -25,11 +25,11 @@ from safetensors.torch import load_file
 
 from mergekit_dam.api import train as train_stage
 from mergekit_dam.cli import main as cli
-from mergekit_dam.plugin import stage
-from mergekit_dam.plugin.artifact import write_artifact
-from mergekit_dam.plugin.config import DamError
-from mergekit_dam.tools.lab import SKILLS
-from mergekit_dam.tools.tiny import make_tokenizer
+from mergekit_dam.core.artifact import write_artifact
+from mergekit_dam.core.errors import DamError
+from mergekit_dam.lab import SKILLS
+from mergekit_dam.lab.tiny import make_tokenizer
+from mergekit_dam.plugin.prepared import PREPARED
 from mergekit_dam.training import checkpoint
 
 FAST = {"steps": 12, "lr": 0.02, "max_length": 24, "batch_size": 4, "samples": 40, "schedule": "constant"}  # the rate these tests were sized for
@@ -99,7 +99,7 @@ def test_reuse_retrain_and_determinism(lab, tmp_path, caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="mergekit_dam"):
         train_stage(lab_config(lab, artifact))
     assert "(no training)" in caplog.text and os.stat(artifact).st_mtime_ns == stamp
-    monkeypatch.setattr(stage, "_TRAINED", {})  # as in a new process: retrain really retrains
+    monkeypatch.setattr(PREPARED, "trained", {})  # as in a new process: retrain really retrains
     train_stage(lab_config(lab, artifact, retrain=True))
     assert os.stat(artifact).st_mtime_ns != stamp
     again = load_file(str(artifact))
@@ -129,12 +129,12 @@ def test_resume_after_interrupt_equals_uninterrupted(lab, tmp_path, monkeypatch,
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_stage(lab_config(lab, resumed, checkpoint_every=4, train_device=device))
-    assert not resumed.exists() and os.path.exists(str(resumed) + ".ckpt")
+    assert not resumed.exists() and os.path.exists(str(resumed.with_suffix(".ckpt")))
     monkeypatch.setattr(checkpoint, "save_checkpoint", save)
     train_stage(lab_config(lab, resumed, checkpoint_every=4, train_device=device))
     a, b = load_file(str(reference)), load_file(str(resumed))
     assert all(torch.equal(a[name], b[name]) for name in a)
-    assert not os.path.exists(str(resumed) + ".ckpt")
+    assert not os.path.exists(str(resumed.with_suffix(".ckpt")))
     curve = json.loads((tmp_path / "resumed.report.json").read_text())["loss_curve"]
     assert [point["step"] for point in curve] == list(range(1, 13))
 
@@ -329,7 +329,7 @@ def test_gpu_default_training_in_bfloat16_then_a_cuda_merge(lab, tmp_path, monke
     for name, value in artifact_merge(artifact).items():
         torch.testing.assert_close(merged[name].double(), value, atol=1e-5, rtol=1e-5)
 
-    monkeypatch.setattr(stage, "_TRAINED", {})
+    monkeypatch.setattr(PREPARED, "trained", {})
     train_stage(lab_config(lab, tmp_path / "again.safetensors", steps=60))
     again = load_file(str(tmp_path / "again.safetensors"))
     record_property("rerun_max_abs_diff", max(float((again[n] - coefficients[n]).abs().max()) for n in coefficients))
@@ -370,7 +370,7 @@ def test_artifacts_trained_with_weights_keep_their_meaning_under_the_default(lab
     train_stage(lab_config(lab, artifact, parametrization="weights"))
     assert artifact_rows(artifact) == lab["experts"]
     trained = load_file(str(artifact))
-    monkeypatch.setattr(stage, "_TRAINED", {})  # as a later run: the artifact on disk decides
+    monkeypatch.setattr(PREPARED, "trained", {})  # as a later run: the artifact on disk decides
     with caplog.at_level(logging.INFO, logger="mergekit_dam"):
         merge(lab_config(lab, artifact), tmp_path / "reused")
     assert "reusing coefficients" in caplog.text
@@ -434,7 +434,7 @@ def _general_kl_to_base(lab, merged_dir) -> float:
     """KL(base ‖ merged) per token on the lab's held-out general text, with transformers alone."""
     from transformers import AutoModelForCausalLM
 
-    from mergekit_dam.tools.tiny import make_tokenizer
+    from mergekit_dam.lab.tiny import make_tokenizer
 
     tokenizer = make_tokenizer()
     texts = [json.loads(line)["text"] for line in open(lab["general_held_out"], encoding="utf-8") if line.strip()]
@@ -540,7 +540,7 @@ def test_out_of_memory_mid_run_is_one_line_and_the_run_resumes(lab, tmp_path, mo
     monkeypatch.setattr(end_to_end, "micro_batch_loss", run_out_at_step_5)
     with pytest.raises(DamError, match=r"ran out of memory at step 5 \(peak .* GiB.*\); lower max_length .* the same command resumes"):
         train_stage(lab_config(lab, artifact, train_device=device))
-    assert not artifact.exists() and os.path.exists(str(artifact) + ".ckpt")
+    assert not artifact.exists() and os.path.exists(str(artifact.with_suffix(".ckpt")))
     monkeypatch.setattr(end_to_end, "micro_batch_loss", real)
     train_stage(lab_config(lab, artifact, train_device=device))
     a, b = load_file(str(reference)), load_file(str(artifact))

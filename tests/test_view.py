@@ -7,13 +7,10 @@ from conftest import read_checkpoint
 from torch.func import functional_call
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from mergekit_dam.kernels import ColumnMerge, merge_stack
-from mergekit_dam.training.view import (
-    MergedModel,
-    RebuiltWeights,
-    build_skeleton,
-    stack_experts,
-)
+from mergekit_dam.core.kernels import ColumnMerge, merge_stack
+from mergekit_dam.training.expert_group import RebuiltWeights, stack_experts
+from mergekit_dam.training.merged_model import MergedModel
+from mergekit_dam.training.skeleton import build_skeleton
 
 
 def test_column_merge_gradient_matches_autograd():
@@ -97,7 +94,7 @@ def test_expert_weights_reproduce_the_expert(families):
 def test_task_vector_parametrization_gradient_and_base_row():
     """W = W_base + sum_i c_i (W_i - W_base): the table's base row is 1 - sum c_i, and the
     coefficient gradient through the merge equals plain autograd on that formula."""
-    from mergekit_dam.training.view import TaskVectors
+    from mergekit_dam.core.parametrizations import TaskVectors
 
     generator = torch.Generator().manual_seed(3)
     stack = torch.randn(4, 5, 6, generator=generator, dtype=torch.float64)  # rows: e0, base, e1, e2

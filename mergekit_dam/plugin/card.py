@@ -8,7 +8,8 @@ import json
 import os
 from typing import Dict, List
 
-from mergekit_dam.atomic import atomic_write_text
+from mergekit_dam.core.artifact import sidecar
+from mergekit_dam.core.atomic import atomic_write_text
 
 
 def datasets_of(config) -> Dict[str, str]:
@@ -23,8 +24,8 @@ def datasets_of(config) -> Dict[str, str]:
     return datasets
 
 
-def dam_section(datasets: Dict[str, str], sources: List, report_path_of) -> str:
-    """Markdown for the sources this merge used (stage.CoefficientSource)."""
+def dam_section(datasets: Dict[str, str], sources: List) -> str:
+    """Markdown for the sources this merge used (prepared.CoefficientSource)."""
     lines = ["", "## DAM: Differentiable Adaptive Merging", ""]
     for source in sources:
         if source.artifact_path is None:
@@ -32,7 +33,7 @@ def dam_section(datasets: Dict[str, str], sources: List, report_path_of) -> str:
             continue
         lines += [f"Coefficients: `{source.artifact_path}`. Give this file as `coefficients:` in the same config to",
                   "reproduce the merge without training (mergekit-dam checks it was made for these inputs).", ""]
-        report = _read(report_path_of(source.artifact_path))
+        report = _read(sidecar(source.artifact_path, "report"))
         kl = (report or {}).get("held_out_kl", {})
         lines += ["| input | calibration data | held-out KL to it: linear average → DAM |", "|---|---|---|"]
         for row in source.rows:
@@ -44,7 +45,7 @@ def dam_section(datasets: Dict[str, str], sources: List, report_path_of) -> str:
             kept = f", kept step {validation['best_step']} by validation KL" if "best_step" in validation else ""
             lines += ["", f"Training: {report.get('mode', 'end_to_end')}, {report.get('steps')} steps{kept}, "
                           f"{report.get('seconds', 0):.0f} s on {report.get('device')} ({report.get('dtype')}); "
-                          f"report: `{report_path_of(source.artifact_path)}`."]
+                          f"report: `{sidecar(source.artifact_path, 'report')}`."]
         lines.append("")
     return "\n".join(lines)
 
@@ -57,7 +58,7 @@ def _read(path: str):
         return None
 
 
-def add_to_card(out_path: str, datasets: Dict[str, str], sources: List, report_path_of) -> None:
+def add_to_card(out_path: str, datasets: Dict[str, str], sources: List) -> None:
     """Append the DAM section to `out_path`/README.md, if mergekit wrote one."""
     card = os.path.join(out_path, "README.md")
     sources = list(dict.fromkeys(sources))  # one per output slice: the same source repeated
@@ -65,4 +66,4 @@ def add_to_card(out_path: str, datasets: Dict[str, str], sources: List, report_p
         return
     with open(card, encoding="utf-8") as handle:
         text = handle.read()
-    atomic_write_text(card, text.rstrip("\n") + "\n" + dam_section(datasets, sources, report_path_of))
+    atomic_write_text(card, text.rstrip("\n") + "\n" + dam_section(datasets, sources))

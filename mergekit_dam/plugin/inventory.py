@@ -11,21 +11,10 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from mergekit_dam.core.errors import DamError
+from mergekit_dam.core.tensor_spec import TensorSpec
 from mergekit_dam.plugin import host
-from mergekit_dam.plugin.config import DamError
 from mergekit_dam.plugin.host import MergeContext
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str  # mergekit's output tensor name
-    shape: Tuple[int, ...]
-    sources: Tuple[str, ...] = ()  # the name it has in each row's checkpoint (aliases, tied names)
-
-    @property
-    def coefficient_shape(self) -> Tuple[int, ...]:
-        """One coefficient per input column (2-D) or per element (1-D); scalar tensors: one."""
-        return (self.shape[-1],) if self.shape else (1,)
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,18 @@
 """`merge_method: dam` for mergekit: a declarative spec plus a small kernel.
 
 The spec declares every DAM setting so mergekit resolves and passes them to the kernel;
-the kernel looks up where the coefficients come from (stage.py) and applies them
-(kernels.combine) in float32 on mergekit's math device. Everything it needs from
-mergekit beyond the merge-method API goes through host.py.
+the kernel looks up where the coefficients come from (prepared.py) and applies them
+(kernels.combine) in float32 on mergekit's math device. This is the apply path: it reads
+the shared floor and the store of decisions, never the training engine; the pre-merge
+stage that fills the store is handed in at registration (registration.py). Everything it
+needs from mergekit beyond the merge-method API goes through host.py.
 """
 
 from __future__ import annotations
 
-import sys
-import weakref
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
-from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import (
     BasePolicy,
     GroupMergeMethod,
@@ -24,16 +23,16 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from mergekit_dam.kernels import combine
-from mergekit_dam.plugin import host, preflight, stage
-from mergekit_dam.plugin.artifact import open_artifact
-from mergekit_dam.plugin.config import (
-    SHARED_NAMES,
-    DamError,
-    DamSettings,
-    parameter_fields,
-)
+from mergekit_dam.core import auto
+from mergekit_dam.core.artifact import open_artifact
+from mergekit_dam.core.errors import DamError
+from mergekit_dam.core.kernels import combine
+from mergekit_dam.core.parametrizations import equal_coefficients
+from mergekit_dam.core.settings import SHARED_NAMES, DamSettings, parameter_fields
+from mergekit_dam.plugin import host
 from mergekit_dam.plugin.inventory import merge_rows
+from mergekit_dam.plugin.one_line_errors import install_error_hook
+from mergekit_dam.plugin.prepared import PREPARED, CoefficientSource
 
 
 def _spec() -> MergeMethodSpec:
@@ -54,35 +53,28 @@ def _spec() -> MergeMethodSpec:
     )
 
 
-def equal_coefficients(settings: DamSettings, names: Sequence[str], base: str) -> torch.Tensor:
-    """[rows, 1] coefficients where nothing was trained: training's start. With weights,
-    1/N each (the linear average); with task vectors, each expert `init_weight` (unset:
-    1/N of the experts, the same average) and the base 1 − Σ, i.e. task arithmetic."""
-    from mergekit_dam.training.experts import parametrization_for
-
-    start = parametrization_for(settings, names.index(base) if base in names else None)(len(names))
-    return start.table(torch.full((start.rows, 1), float(start.start)))
-
-
 class DamMerge(GroupMergeMethod):
-    def __init__(self):
+    """`prepare(context, planner)`: the pre-merge stage (decision.prepare), run once per
+    mergekit merge when its planner first validates a slice."""
+
+    def __init__(self, prepare: Callable[..., CoefficientSource]):
         self.spec = _spec()
-        self.prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # planner -> CoefficientSource
+        self.prepare = prepare
 
     def validate_inputs(self, input_ids: Sequence[Any], base_id: Any = None, *, group_name: Optional[str] = None) -> None:
         super().validate_inputs(input_ids, base_id, group_name=group_name)
         planner = host.calling_planner()  # None outside a mergekit merge (merge_state_dicts)
-        if planner is not None and planner not in self.prepared:
+        if planner is not None and PREPARED.of(planner) is None:
             install_error_hook()  # a dam merge runs in this process from here on
-            self.prepared[planner] = stage.prepare(host.merge_context(planner))
+            self.prepare(host.merge_context(planner), planner)
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         base = group.base.id if group.base is not None else None
         trains = any(parameters["dataset"].values())
-        settings = stage.resolve_parametrization(DamSettings(**{name: parameters[name] for name in SHARED_NAMES}), base, trains)
+        settings = auto.parametrization(DamSettings(**{name: parameters[name] for name in SHARED_NAMES}), base, trains)
         rows = merge_rows([entry.id for entry in group.entries], base, settings.base_row)
         names = [str(model) for model in rows]
-        source = stage.source_for(settings, names)
+        source = PREPARED.for_kernel(settings, names)
         if source.artifact_path is None:
             if any(parameters["dataset"].get(model) for model in rows):
                 raise DamError(
@@ -91,15 +83,7 @@ class DamMerge(GroupMergeMethod):
                 )
             coefficients = equal_coefficients(settings, names, str(base))
         else:
-            artifact = open_artifact(source.artifact_path)
-            name = group.metadata.name
-            coefficients = artifact.get(name)[artifact.row_index(names)]
-            expected = group.entries[0].tensor.shape[-1:] or (1,)
-            if tuple(coefficients.shape[1:]) != tuple(expected):
-                raise DamError(
-                    f"dam: {artifact.path} coefficients for {name} have {coefficients.shape[1]} columns, "
-                    f"the tensor has {expected[0]}; retrain or fix the path"
-                )
+            coefficients = _artifact_rows(source.artifact_path, group, names)
         by_id = {entry.id: entry.tensor for entry in group.entries}
         weights = [by_id[model] for model in rows]
         if coefficients.shape[1] == 1 and weights[0].ndim > 0:
@@ -107,33 +91,15 @@ class DamMerge(GroupMergeMethod):
         return combine(weights, coefficients).to(weights[0].dtype)
 
 
-def _one_line_errors(previous_hook):
-    """mergekit-yaml lets exceptions escape as tracebacks; a DamError is the user's
-    setup problem, so print its one-line message (problem + fix) and exit 1."""
-
-    def hook(kind, error, traceback):
-        if issubclass(kind, DamError):
-            print(f"mergekit-dam error: {error}", file=sys.stderr)
-            sys.exit(1)
-        previous_hook(kind, error, traceback)
-
-    hook.dam_hook = True
-    return hook
-
-
-def install_error_hook() -> None:
-    """Report an uncaught DamError as one line (see `_one_line_errors`); installed when
-    a dam merge's pre-merge stage starts, never at import; calling it again is a no-op."""
-    if not getattr(sys.excepthook, "dam_hook", False):
-        sys.excepthook = _one_line_errors(sys.excepthook)
-
-
-def register() -> None:
-    """Add `dam` to mergekit's registry; calling it again is a no-op."""
-    preflight.install()  # mergekit.merge already imported (no .pth hook): wrap run_merge now
-    existing = {method.spec.name: method for method in registry.registered_methods()}
-    if "dam" in existing:
-        if type(existing["dam"]).__name__ != DamMerge.__name__:
-            raise RuntimeError("another plugin already registered merge method 'dam'")
-        return
-    registry.register(DamMerge())
+def _artifact_rows(path: str, group: TensorGroup, names: Sequence[str]) -> torch.Tensor:
+    """The artifact's coefficients for this group's tensor, in the order of `names`."""
+    artifact = open_artifact(path)
+    name = group.metadata.name
+    coefficients = artifact.get(name)[artifact.row_index(names)]
+    expected = group.entries[0].tensor.shape[-1:] or (1,)
+    if tuple(coefficients.shape[1:]) != tuple(expected):
+        raise DamError(
+            f"dam: {artifact.path} coefficients for {name} have {coefficients.shape[1]} columns, "
+            f"the tensor has {expected[0]}; retrain or fix the path"
+        )
+    return coefficients

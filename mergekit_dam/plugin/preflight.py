@@ -25,8 +25,12 @@ import os
 import shutil
 import uuid
 
-from mergekit_dam.atomic import remove_orphans
-from mergekit_dam.plugin.config import DamError
+from mergekit_dam.core.atomic import remove_orphans
+from mergekit_dam.core.errors import DamError
+from mergekit_dam.core.paths import is_local, resolve_path
+from mergekit_dam.plugin.card import add_to_card, datasets_of
+from mergekit_dam.plugin.one_line_errors import install_error_hook
+from mergekit_dam.plugin.prepared import PREPARED
 
 
 def uses_dam(config) -> bool:
@@ -60,10 +64,6 @@ def check_models(config, write_model_card: bool = False) -> None:
 
 def check_datasets(config) -> None:
     """Local dataset files that do not exist, named before mergekit reads any model."""
-    from mergekit_dam.plugin.card import datasets_of
-    from mergekit_dam.plugin.config import resolve_path
-    from mergekit_dam.training.data import is_local
-
     for model, dataset in datasets_of(config).items():
         if is_local(dataset) and not os.path.exists(resolve_path(dataset)):
             raise DamError(f"dam: dataset file {dataset} (model {model}) does not exist; fix the path")
@@ -107,18 +107,14 @@ def guarded(run_merge):
     def guarded_run_merge(merge_config, out_path, options, *args, **kwargs):
         if not uses_dam(merge_config):
             return run_merge(merge_config, out_path, options, *args, **kwargs)
-        from mergekit_dam.plugin import stage
-        from mergekit_dam.plugin.card import add_to_card, datasets_of
-        from mergekit_dam.plugin.method import install_error_hook
-
         install_error_hook()
         check_datasets(merge_config)
         check_models(merge_config, getattr(options, "write_model_card", False))
-        first, datasets = len(stage.PREPARED_IN_ORDER), datasets_of(merge_config)  # before mergekit normalises the config
+        first, datasets = len(PREPARED.in_order), datasets_of(merge_config)  # before mergekit normalises the config
 
         def merge_into(folder):
             result = run_merge(merge_config, folder, options, *args, **kwargs)
-            add_to_card(folder, datasets, stage.PREPARED_IN_ORDER[first:], stage.report_path_of)
+            add_to_card(folder, datasets, PREPARED.in_order[first:])
             return result
 
         target = os.path.abspath(out_path)

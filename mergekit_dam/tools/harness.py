@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
-from mergekit_dam.plugin.config import DamError
+from mergekit_dam.core.errors import DamError
 
 INSTALL = "pip install mergekit-dam[eval]"
 

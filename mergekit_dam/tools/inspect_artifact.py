@@ -22,7 +22,7 @@ import os
 import re
 from typing import Dict, Optional
 
-from mergekit_dam.plugin.artifact import open_artifact
+from mergekit_dam.core.artifact import open_artifact
 
 LAYER = re.compile(r"^(?P<prefix>.*?\.layers\.)(?P<index>\d+)\.(?P<rest>.+)$")
 

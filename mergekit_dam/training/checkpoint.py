@@ -1,6 +1,6 @@
 """Training checkpoints (safetensors, no pickle): the raw coefficients, AdamW's moments
 and the loss history, whole tensors (gathered from the ranks when sharded), written by
-rank 0 next to the artifact (`<artifact>.ckpt`) and valid only for the same training key."""
+rank 0 beside the artifact (`<artifact name>.ckpt`: core.artifact.sidecar) and valid only for the same training key."""
 
 from __future__ import annotations
 
@@ -11,15 +11,11 @@ from typing import Dict
 
 import torch
 
-from mergekit_dam.atomic import WriteError
-from mergekit_dam.plugin.artifact import atomic_save
+from mergekit_dam.core.atomic import WriteError
+from mergekit_dam.core.artifact import atomic_save, sidecar
 from mergekit_dam.training import distributed
 
 LOG = logging.getLogger("mergekit_dam")
-
-
-def checkpoint_path(artifact_path: str) -> str:
-    return artifact_path + ".ckpt"
 
 
 def save_checkpoint(path: str, key: str, step: int, raw: Dict[str, torch.nn.Parameter], optimizer, history: list,
@@ -77,7 +73,7 @@ class Checkpoints:
     then travels in the history), `save` writes one, `remove` deletes it once the run ends."""
 
     def __init__(self, artifact_path: str, key: str, raw: Dict[str, torch.nn.Parameter], enabled: bool, steps: int, selection=None):
-        self.path, self.key, self.raw, self.enabled, self.steps = checkpoint_path(artifact_path), key, raw, enabled, steps
+        self.path, self.key, self.raw, self.enabled, self.steps = sidecar(artifact_path, "checkpoint"), key, raw, enabled, steps
         self.selection = selection  # selection.KeepBest: its state travels in the checkpoint
         self.kl_start: Dict[str, float] = {}
         self.first_step = 0

@@ -26,17 +26,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from mergekit_dam.plugin.config import DamError, ModelSettings, resolve_path
+from mergekit_dam.core.errors import DamError
+from mergekit_dam.core.paths import LOCAL_BUILDERS, is_local, resolve_path
+from mergekit_dam.core.settings import ModelSettings
 
-LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 PAIR_FIELDS = (("prompt", "response"), ("prompt", "completion"))
 LOG = logging.getLogger("mergekit_dam")
-
-
-def is_local(dataset: str) -> bool:
-    """A local file (existing, or named like one); anything else is a Hugging Face dataset id."""
-    path = resolve_path(dataset)
-    return os.path.exists(path) or os.path.splitext(dataset)[1].lower() in LOCAL_BUILDERS or dataset.startswith((".", "/", "~"))
 
 
 def load_records(settings: ModelSettings, model: str):
@@ -207,8 +202,6 @@ def collate(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = False)
 # --- what training reads: each expert's split, batches, and their order ---------------
 
 HELD_OUT_MAX = 32  # sequences per expert kept aside for the report's held-out KL
-TOKENS_PER_EXPERT = 256  # `batch_size: auto`: tokens per expert per micro-batch
-AUTO_BATCH_MAX = 64
 
 
 @dataclass
@@ -297,15 +290,9 @@ class ExpertData:
         steps_per_epoch = math.ceil(max(len(s) for s in self.train.values()) / settings.batch_size / settings.grad_accum)
         return settings.steps or max(settings.min_steps, math.ceil(settings.epochs * steps_per_epoch))
 
-    def resolve(self, settings):
-        """`settings` with `batch_size: auto` made concrete: sequences per expert for about
-        TOKENS_PER_EXPERT tokens per micro-batch, from the training examples' mean length."""
-        if settings.batch_size != "auto":
-            return settings
-        lengths = [len(example) for examples in self.train.values() for example in examples]
-        size = max(1, min(AUTO_BATCH_MAX, round(TOKENS_PER_EXPERT * len(lengths) / max(1, sum(lengths)))))
-        LOG.info("dam: batch_size: auto is %d (training examples of %.0f tokens on average)", size, sum(lengths) / max(1, len(lengths)))
-        return settings.model_copy(update={"batch_size": size})
+    def train_lengths(self) -> List[int]:
+        """The length of every training example (what `batch_size: auto` decides by)."""
+        return [len(example) for examples in self.train.values() for example in examples]
 
 
 def prepare_data(job) -> ExpertData:

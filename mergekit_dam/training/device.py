@@ -1,5 +1,5 @@
-"""Where training runs: the one device resolver (single process and sharded), the expert
-dtype, and the memory a run may use and did use."""
+"""Where training runs: the start of a run on its device (seed, peak-memory counter, the
+expert dtype from auto.dtype), and the memory a run may use and did use."""
 
 from __future__ import annotations
 
@@ -9,31 +9,9 @@ from typing import Optional
 
 import torch
 
-from mergekit_dam.plugin.config import DamError, DamSettings
-
-
-def resolve_device(name: str) -> torch.device:
-    """`train_device` as a torch device: auto = the first CUDA GPU if there is one."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DamError(f"dam: train_device `{name}` is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DamError(f"dam: train_device `{name}` but no CUDA GPU is available; use train_device: cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise DamError(f"dam: train_device `{name}` but only {torch.cuda.device_count()} GPU(s) exist")
-    if device.type not in ("cpu", "cuda"):
-        raise DamError(f"dam: train_device `{name}` is not supported; use auto, cpu, cuda or cuda:N")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The expert stacks' dtype: auto = bfloat16 on a GPU, float32 on the CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+from mergekit_dam.core import auto
+from mergekit_dam.core.errors import DamError
+from mergekit_dam.core.settings import DamSettings
 
 
 def start_run(settings: DamSettings, device: torch.device) -> tuple:
@@ -41,7 +19,7 @@ def start_run(settings: DamSettings, device: torch.device) -> tuple:
     torch.manual_seed(settings.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    return resolve_dtype(settings.train_dtype, device), time.perf_counter()
+    return auto.dtype(settings.train_dtype, device), time.perf_counter()
 
 
 def available_memory(device: torch.device) -> Optional[int]:

@@ -2,7 +2,7 @@
 
 Launched by torchrun or `accelerate launch` (they set WORLD_SIZE, RANK, LOCAL_RANK),
 `mergekit-dam train` runs one process per device. Every tensor group of the view
-(the embedding, each decoder layer, the head; see view.py) becomes an FSDP unit: its
+(the embedding, each decoder layer, the head; see merged_model.py) becomes an FSDP unit: its
 expert stacks and, as a nested unit, its coefficients are sharded across the ranks and
 gathered only while the group merges its weights, so a rank holds 1/world of the
 experts plus one layer gathered. Data parallelism splits each optimizer step's
@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from mergekit_dam.training.device import resolve_device
+from mergekit_dam.core import auto
 
 
 @dataclass
@@ -82,7 +82,7 @@ def setup(train_device: str) -> Optional[Ranks]:
         return None
     from torch.distributed.device_mesh import init_device_mesh
 
-    kind = resolve_device(train_device).type  # one process per GPU: the local rank's
+    kind = auto.device(train_device).type  # one process per GPU: the local rank's
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()) if kind == "cuda" else torch.device("cpu")
     if kind == "cuda":
         torch.cuda.set_device(device)

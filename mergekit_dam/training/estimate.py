@@ -1,14 +1,19 @@
 """The estimate logged before training: peak memory per process and work per step,
-from the shapes alone, so a run that cannot fit stops before it starts."""
+from the shapes alone, so a run that cannot fit stops before it starts (and `recompute:
+auto` is decided against it)."""
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Callable, Optional
 
 import torch
 
-from mergekit_dam.plugin.config import DamError
+from mergekit_dam.core import auto
+from mergekit_dam.core.errors import DamError
+from mergekit_dam.training.device import available_memory, dtype_name, resident_bytes
+
+LOG = logging.getLogger("mergekit_dam")
 
 
 def estimate(job, dtype: torch.dtype, sequences: int, length: int, trainable: int, world: int = 1, recompute: str = "layer") -> dict:
@@ -49,18 +54,37 @@ def estimate(job, dtype: torch.dtype, sequences: int, length: int, trainable: in
     return {"memory_bytes": memory, "peak_bytes": sum(memory.values()), "flops_per_step": flops}
 
 
+def check_memory(job, data, view, device, dtype, steps: int, ranks, host_cache: int = 0) -> dict:
+    """Log what will train and the estimate, and set the view's `recompute` (auto.recompute,
+    against the estimate); stop before training when it cannot fit. `host_cache`: bytes the
+    cached teacher will keep in host memory (counted on CPU). Returns the plan."""
+    settings, world = job.settings, ranks.world if ranks else 1
+    raw = view.raw_parameters()
+    trainable = sum(p.numel() for p in raw.values())
+    length = min(settings.max_length, max(len(s) for seqs in data.train.values() for s in seqs))
+    available = available_memory(device)
 
+    def plan_for(mode: str) -> dict:
+        return estimate(job, dtype, len(data.experts) * settings.batch_size, length, trainable, world, mode)
 
-def recompute_mode(setting: str, sharded: bool, peak: Callable[[str], int], available: Optional[int]) -> str:
-    """The `recompute` mode a run uses: `auto` takes `weights` (no layer is run twice)
-    when its estimated `peak` fits in 90% of the `available` memory, else `layer`;
-    sharded runs use `layer` (a rebuilt weight would keep its layer's gathered experts
-    from forward to backward)."""
-    if setting == "weights" and sharded:
-        raise DamError("dam: recompute: weights is for one process (sharded, it would keep every layer's gathered "
-                       "experts until backward); use recompute: auto or layer")
-    if setting != "auto":
-        return setting
-    if sharded:
-        return "layer"
-    return "weights" if available is None or peak("weights") <= 0.9 * available else "layer"
+    view.recompute = auto.recompute(settings.recompute, ranks is not None, lambda mode: plan_for(mode)["peak_bytes"], available)
+    plan = {**plan_for(view.recompute), "recompute": view.recompute}
+    resident = resident_bytes() if device.type == "cpu" else None
+    if resident:  # on CPU the process holds more than the stacks: measure it instead of the stacks' estimate
+        memory = {name: size for name, size in plan["memory_bytes"].items() if name != "expert_weights"}
+        memory["process_after_loading"] = resident  # runtime, expert stacks, checkpoint pages read into them
+        if host_cache:
+            memory["teacher_cache"] = host_cache
+        plan = {**plan, "memory_bytes": memory, "peak_bytes": sum(memory.values())}
+    LOG.info("dam: training %d coefficients (%d of %d tensors) for inputs %s; experts with data: %s",
+             trainable, len(raw), len(job.tensors), job.rows, [job.rows[i] for i in data.experts])
+    LOG.info("dam: %d steps on %s%s (%s, recompute: %s); estimated peak memory %.2f GiB%s, %.2f TFLOP per step",
+             steps, device, f" x {world} processes (FSDP)" if ranks else "", dtype_name(dtype), view.recompute, plan["peak_bytes"] / 2**30,
+             f" of {available / 2**30:.1f} GiB available" if available else "", plan["flops_per_step"] / 1e12)
+    if available is not None and plan["peak_bytes"] - (resident or 0) > available:  # what is resident is had already
+        raise DamError(
+            f"dam: training needs about {plan['peak_bytes'] / 2**30:.1f} GiB on {device} but {available / 2**30:.1f} GiB "
+            "is available; lower max_length or batch_size, use train_dtype: bfloat16, recompute: layer, mode: layerwise, "
+            "or train on a larger device"
+        )
+    return plan

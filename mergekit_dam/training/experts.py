@@ -5,21 +5,18 @@ view built over them, with the coefficients that train."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Optional
+from typing import Mapping
 
 import torch
 
-from mergekit_dam.plugin.config import DamError, DamSettings
-from mergekit_dam.plugin.host import tensor_loader
-from mergekit_dam.training.view import (
-    NONLINEARITIES,
-    ColumnWeights,
-    MergedModel,
-    TaskVectors,
-    build_skeleton,
-    stack_experts,
-    tensor_kinds,
-)
+from mergekit_dam.core.artifact import open_artifact
+from mergekit_dam.core.errors import DamError
+from mergekit_dam.core.parametrizations import NONLINEARITIES, parametrization_for
+from mergekit_dam.core.paths import resolve_path
+from mergekit_dam.core.settings import DamSettings
+from mergekit_dam.training.expert_group import stack_experts
+from mergekit_dam.training.merged_model import MergedModel
+from mergekit_dam.training.skeleton import build_skeleton, tensor_kinds
 
 
 class ExpertStacks(Mapping):
@@ -27,14 +24,14 @@ class ExpertStacks(Mapping):
     input checkpoints when asked for (the view asks once per tensor, group by group)."""
 
     def __init__(self, job, device: torch.device, dtype: torch.dtype):
-        self.models = [str(model) for model in job.models]
-        self.loaders = [tensor_loader(model) for model in job.models]
+        self.models = list(job.rows)
+        self.readers = job.readers
         self.specs = {spec.name: spec for spec in job.tensors}
         self.device, self.dtype = device, dtype
 
     def __getitem__(self, name: str) -> torch.Tensor:
         sources = self.specs[name].sources
-        stack = stack_experts((loader.get_tensor(source, device="cpu") for loader, source in zip(self.loaders, sources)), self.device, self.dtype)
+        stack = stack_experts((read(source) for read, source in zip(self.readers, sources)), self.device, self.dtype)
         finite = torch.isfinite(stack.reshape(len(self.models), -1)).all(dim=1)
         if not bool(finite.all()):  # training would only report a NaN loss, not its cause
             bad = [model for model, ok in zip(self.models, finite.tolist()) if not ok]
@@ -53,11 +50,8 @@ def warm_start(job):
     """full name -> the [N, D] table of `init_from`'s artifact in the job's row order, or None."""
     if not job.settings.init_from:
         return None
-    from mergekit_dam.plugin.artifact import open_artifact
-    from mergekit_dam.plugin.config import resolve_path
-
     artifact = open_artifact(resolve_path(job.settings.init_from))
-    rows = artifact.row_index([str(model) for model in job.models])
+    rows = artifact.row_index(list(job.rows))
     shapes = {spec.name: spec.shape for spec in job.tensors}
 
     def start(name: str) -> torch.Tensor:
@@ -75,16 +69,10 @@ def trains(kind: str, settings: DamSettings) -> bool:
     return kind == "linear" or (kind == "embedding" and settings.train_embeddings) or (kind == "norm" and settings.train_norms)
 
 
-def parametrization_for(settings: DamSettings, base_row: Optional[int]) -> Callable[[int], object]:
-    """rows -> the settings' parametrization (view.ColumnWeights or view.TaskVectors)."""
-    if settings.parametrization == "task_vectors":
-        return lambda n: TaskVectors(n, base_row, settings.init_weight)
-    return ColumnWeights
-
-
 def build_view(job, device: torch.device, dtype: torch.dtype, ranks=None, lazy: bool = False) -> MergedModel:
-    """The merged-model view of the job's experts; sharded (each group an FSDP unit,
-    the view the root) when `ranks` is given; `lazy`: no group loaded yet."""
+    """The merged-model view of the job's experts (its `recompute` set by the mode, from
+    auto.recompute); sharded (each group an FSDP unit, the view the root) when `ranks` is
+    given; `lazy`: no group loaded yet."""
     settings = job.settings
     parametrization = parametrization_for(settings, job.base_row)
     start = parametrization(len(job.rows)).start
@@ -94,10 +82,8 @@ def build_view(job, device: torch.device, dtype: torch.dtype, ranks=None, lazy: 
     skeleton = build_skeleton(job.out_config, device, job.trust_remote_code)
     kinds = tensor_kinds(skeleton)
     trained = {spec.name for spec in job.tensors if spec.name in kinds and trains(kinds[spec.name], job.settings)}
-    # end-to-end training settles `auto` against its memory estimate; one layer at a time (layerwise) it fits
-    recompute = "weights" if settings.recompute == "auto" else settings.recompute
     view = MergedModel(
-        skeleton, ExpertStacks(job, device, dtype), trained, settings.nonlinearity, recompute, starts=warm_start(job),
+        skeleton, ExpertStacks(job, device, dtype), trained, settings.nonlinearity, starts=warm_start(job),
         shard=ranks.shard if ranks else None, lazy=lazy, parametrization=parametrization, granularity=settings.granularity,
     )
     if ranks:

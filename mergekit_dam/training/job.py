@@ -1,23 +1,23 @@
-"""What the training engine is given (a job, resolved from a mergekit config by the
-plugin's stage) and what it returns (coefficients and a report)."""
+"""What the training engine is given (a job, built from a mergekit config by the plugin's
+launch) and what it returns (coefficients and a report)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from mergekit_dam.plugin.config import DamSettings, ModelSettings
-from mergekit_dam.plugin.inventory import TensorSpec
+from mergekit_dam.core.settings import DamSettings, ModelSettings
+from mergekit_dam.core.tensor_spec import TensorSpec
 
 
 @dataclass
 class TrainingJob:
-    """Everything training needs, resolved from a mergekit config by stage.py."""
+    """Everything training needs, built from a mergekit config by plugin/launch.py."""
 
-    rows: List[str]  # artifact row order
-    models: List[object]  # ModelReference per row
+    rows: List[str]  # artifact row order (the input models' names)
+    readers: Sequence[Callable[[str], torch.Tensor]]  # per row: checkpoint tensor name -> that tensor, on the CPU
     tensors: Sequence[TensorSpec]
     data: Dict[str, ModelSettings]  # rows with a dataset
     settings: DamSettings
@@ -55,6 +55,7 @@ class TrainingReport:
     teacher: Optional[str] = None  # the teacher used (`teacher: auto`'s choice)
     packing: Optional[bool] = None  # whether micro-batches were packed (`packing`'s choice, end-to-end mode)
     tokens: Optional[int] = None  # real tokens through the merged model in training (forward + backward), the probe's included
+    resolved: Optional[Dict[str, Any]] = None  # every setting that accepts `auto`, as this run used it (core/auto.py)
 
     def to_dict(self) -> dict:
         return {name: value for name, value in asdict(self).items() if value is not None}

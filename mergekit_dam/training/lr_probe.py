@@ -19,7 +19,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from mergekit_dam.training.loop import NonFiniteLoss, Stage, fit
+from mergekit_dam.training.loop import NonFiniteLoss, Problem, fit
 
 LOG = logging.getLogger("mergekit_dam")
 
@@ -48,32 +48,32 @@ def climb(score: Callable[[float], float], candidates: Sequence[float] = CANDIDA
     return scores
 
 
-def choose_lr(stage: Stage, settings, validate: Callable[[], Dict[str, float]], *, ranks=None,
+def choose_lr(problem: Problem, settings, validate: Callable[[], Dict[str, float]], *, ranks=None,
               quiet: bool = False) -> Tuple[float, Dict[str, Optional[float]], int]:
-    """Run `stage.steps` steps at each rate the climb visits, from the current coefficients
+    """Run `problem.steps` steps at each rate the climb visits, from the current coefficients
     (put back after each), scored by validate() (KL per expert row); (the best rate, the
     mean validation KL per visited rate, ascending, the tokens the probe trained on)."""
-    start = [p.detach().clone() for p in stage.params]
+    start = [p.detach().clone() for p in problem.params]
     probe = settings.model_copy(update={"warmup_steps": 0, "schedule": "constant", "checkpoint_minutes": 0, "checkpoint_every": 0})
     tokens = [0]
-    progress = tqdm(total=4 * stage.steps, desc="DAM lr probe", disable=quiet)  # the climb visits 3 or 4 rates
+    progress = tqdm(total=4 * problem.steps, desc="DAM lr probe", disable=quiet)  # the climb visits 3 or 4 rates
 
     def score(lr: float) -> float:
         try:
-            history = fit(stage, probe.model_copy(update={"lr": lr}), progress, ranks=ranks)
+            history = fit(problem, probe.model_copy(update={"lr": lr}), progress, ranks=ranks)
             tokens[0] += sum(entry["tokens"] for entry in history)
             kl = validate()
             mean = sum(kl.values()) / max(1, len(kl))
         except NonFiniteLoss:  # this rate diverges
             mean = float("inf")
         with torch.no_grad():
-            for param, value in zip(stage.params, start):
+            for param, value in zip(problem.params, start):
                 param.copy_(value)
         return mean if math.isfinite(mean) else float("inf")
 
     with progress:
         scores = dict(sorted(climb(score).items()))
     best = min(scores, key=lambda lr: (scores[lr], lr))  # ties: the smaller rate
-    LOG.info("dam: lr: auto chose %g after %d probe steps per rate (validation KL %s)", best, stage.steps,
+    LOG.info("dam: lr: auto chose %g after %d probe steps per rate (validation KL %s)", best, problem.steps,
              ", ".join(f"{lr:g}: {value:.4f}" for lr, value in scores.items()))
     return best, {f"{lr:g}": value if math.isfinite(value) else None for lr, value in scores.items()}, tokens[0]  # None: diverged

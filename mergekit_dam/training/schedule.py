@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from mergekit_dam.plugin.config import DamSettings
+from mergekit_dam.core.settings import DamSettings
 
 
 def lr_factor(settings: DamSettings, steps: int) -> Callable[[int], float]:

@@ -118,7 +118,7 @@ def validation_chart(report: dict, path: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from mergekit_dam.atomic import atomic_write
+    from mergekit_dam.core.atomic import atomic_write
 
     curve = report["curve"]
     steps = [point["step"] for point in curve]

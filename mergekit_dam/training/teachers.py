@@ -12,7 +12,6 @@ here, its name in TEACHERS, and that name in the `teacher` setting.
 
 from __future__ import annotations
 
-import logging
 from typing import Callable, Dict, Iterable, Mapping, Sequence, Tuple
 
 import torch
@@ -20,10 +19,6 @@ import torch
 from mergekit_dam.training.data import Batch, Example, scored_positions
 
 Logits = Callable[[int, Batch], torch.Tensor]
-LOG = logging.getLogger("mergekit_dam")
-
-# `teacher: auto` caches the experts' logits when they take at most this much host memory
-CACHE_BUDGET_BYTES = 2 * 2**30
 
 
 class Online:
@@ -107,17 +102,6 @@ def cache_bytes(train: Mapping[int, Sequence[Example]], vocab: int, dtype: torch
     return scored * vocab * (torch.finfo(dtype).bits // 8)
 
 
-def teacher_name(settings, cache_size: int) -> str:
-    """`settings.teacher`, with `auto` made concrete (and logged): `cached` when its
-    `cache_size` (bytes, from cache_bytes) fits CACHE_BUDGET_BYTES, else `online`."""
-    if settings.teacher != "auto":
-        return settings.teacher
-    name = "cached" if cache_size <= CACHE_BUDGET_BYTES else "online"
-    LOG.info("dam: teacher: auto is %s (the experts' logits at the scored tokens take %.2f GiB; cached up to %.0f GiB)",
-             name, cache_size / 2**30, CACHE_BUDGET_BYTES / 2**30)
-    return name
-
-
 def make_teacher(settings, logits: Logits, device: torch.device):
-    """The teacher `settings.teacher` names (made concrete by teacher_name first)."""
+    """The teacher `settings.teacher` names (made concrete by auto.teacher first)."""
     return TEACHERS[settings.teacher](logits, settings, device)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from typing import List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from mergekit_dam.plugin.config import DamError
+from mergekit_dam.core import auto
+from mergekit_dam.core.artifact import sidecar
+from mergekit_dam.core.errors import DamError
 from mergekit_dam.training import distributed, objective, packing
 from mergekit_dam.training.checkpoint import Checkpoints
 from mergekit_dam.training.data import (
@@ -25,114 +27,134 @@ from mergekit_dam.training.data import (
     collate_examples,
     prepare_data,
 )
-from mergekit_dam.training.device import (
-    available_memory,
-    dtype_name,
-    peak_memory,
-    resident_bytes,
-    resolve_device,
-    start_run,
-)
-from mergekit_dam.training.estimate import estimate, recompute_mode
+from mergekit_dam.training.device import dtype_name, peak_memory, start_run
+from mergekit_dam.training.estimate import check_memory
 from mergekit_dam.training.evaluate import held_out_kl
 from mergekit_dam.training.experts import build_view
 from mergekit_dam.training.job import TrainingJob, TrainingReport, TrainingResult
-from mergekit_dam.training.loop import Stage, fit
+from mergekit_dam.training.loop import Problem, fit
 from mergekit_dam.training.lr_probe import choose_lr, probe_steps
+from mergekit_dam.training.merged_model import MergedModel
 from mergekit_dam.training.selection import (
     KeepBest,
     evaluation_interval,
     validation_chart,
 )
-from mergekit_dam.training.teachers import cache_bytes, make_teacher, teacher_name
-from mergekit_dam.training.view import MergedModel
+from mergekit_dam.training.teachers import cache_bytes, make_teacher
 
 LOG = logging.getLogger("mergekit_dam")
 
 
-def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
-    settings = job.settings
-    ranks = _join(settings)
-    device = ranks.device if ranks else resolve_device(settings.train_device)
-    dtype, started = start_run(settings, device)
-    data = prepare_data(job)
-    job = replace(job, settings=data.resolve(settings))
-    settings = job.settings
-    view = build_view(job, device, dtype, ranks)
-    raw = view.raw_parameters()
-    steps = data.steps(settings)
-    cache_size = cache_bytes(data.train, job.out_config.vocab_size, dtype)
-    settings = settings.model_copy(update={"teacher": teacher_name(settings, cache_size)})
-    plan = _check_memory(job, data, view, device, dtype, steps, ranks, cache_size if settings.teacher == "cached" else 0)
+def run(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
+    """Set up, train, and measure one end-to-end run (the recipe below)."""
+    recipe = EndToEnd(job, key, artifact_path)
+    return recipe.result(recipe.train())
 
-    # forwards without gradients take as many sequences as a training micro-batch holds
-    # (batch_size per expert), in fewer, larger batches: less memory than a training step
-    # keeps, and far fewer launches per evaluation
-    no_grad_batch = settings.batch_size * len(data.experts)
 
-    def expert_logits(index: int, batch: Batch):
-        return view.expert_logits(index, **batch.inputs(device))
+class EndToEnd:
+    """One end-to-end run, as a recipe: setup (device, data, the merged view, every `auto`
+    made concrete, the teacher, validation and checkpoints), `train` (the lr probe, then the
+    loop), `result` (the final measures and the report). `settings` are the job's with
+    every choice made so far."""
 
-    teacher = make_teacher(settings, expert_logits, device)
-    for index, batches in data.chunks("train", no_grad_batch).items():
-        teacher.prepare(index, batches)
-    packed = _packs(settings, data, expert_logits, device)
+    def __init__(self, job: TrainingJob, key: str, artifact_path: str):
+        self.artifact_path, self.ranks = artifact_path, _join(job.settings)
+        self.device = self.ranks.device if self.ranks else auto.device(job.settings.train_device)
+        self.dtype, self.started = start_run(job.settings, self.device)
+        self.data = data = prepare_data(job)
+        self.resolved = auto.Resolved(parametrization=job.settings.parametrization, train_device=self.device, train_dtype=self.dtype)
+        self.resolved["batch_size"] = auto.batch_size(job.settings, data.train_lengths())
+        cache_size = cache_bytes(data.train, job.out_config.vocab_size, self.dtype)
+        self.resolved["teacher"] = auto.teacher(job.settings, cache_size)
+        self.job = job = replace(job, settings=self.resolved.settings(job.settings))
+        self.settings = settings = job.settings
+        self.view = build_view(job, self.device, self.dtype, self.ranks)
+        self.raw, self.steps = self.view.raw_parameters(), data.steps(settings)
+        self.plan = check_memory(job, data, self.view, self.device, self.dtype, self.steps, self.ranks,
+                                 cache_size if settings.teacher == "cached" else 0)
+        self.resolved["recompute"] = self.view.recompute
+        # forwards without gradients take as many sequences as a training micro-batch holds
+        # (batch_size per expert), in fewer, larger batches: less memory than a training step
+        # keeps, and far fewer launches per evaluation
+        self.no_grad_batch = settings.batch_size * len(data.experts)
+        self.teacher = make_teacher(settings, self.expert_logits, self.device)
+        for index, batches in data.chunks("train", self.no_grad_batch).items():
+            self.teacher.prepare(index, batches)
+        self.resolved["packing"] = self.packed = _packs(settings, data, self.expert_logits, self.device)
+        self.held_out = self.kl_on("held_out")
+        self.select = KeepBest(self.raw, self.kl_on("validation"), every=evaluation_interval(settings.eval_every, self.steps),
+                               steps=self.steps, patience=settings.patience, max_minutes=settings.max_minutes,
+                               keep_best=settings.keep_best)
+        self.checkpoints = Checkpoints(artifact_path, key, self.raw, bool(settings.checkpoint_every or settings.checkpoint_minutes),
+                                       self.steps, self.select)
+        # the experts' KLs are balanced (`balance`); the retain data's (the base's row) counts retain_weight times
+        self.retain = next((slot for slot, i in enumerate(data.experts) if job.rows[i] == job.retain_row), None)
+        self.probe, self.probe_tokens, self.clock = None, 0, time.perf_counter()
 
-    def kl_on(split: str):  # packed like training: a validation pass runs at every evaluation
-        batches = data.chunks(split, no_grad_batch, (lambda examples, sequences: packing.pack(examples, sequences, 0, data.pad_id))
-                              if packed else None)
-        return lambda: held_out_kl(job.rows, batches, lambda b: view.merged_logits(**b.inputs(device))[0], expert_logits,
-                                   settings.temperature, device)
+    def expert_logits(self, index: int, batch: Batch):
+        return self.view.expert_logits(index, **batch.inputs(self.device))
 
-    evaluate = kl_on("held_out")
-    select = KeepBest(raw, kl_on("validation"), every=evaluation_interval(settings.eval_every, steps), steps=steps,
-                      patience=settings.patience, max_minutes=settings.max_minutes, keep_best=settings.keep_best)
-    checkpoints = Checkpoints(artifact_path, key, raw, bool(settings.checkpoint_every or settings.checkpoint_minutes), steps, select)
+    def kl_on(self, split: str) -> Callable[[], Dict[str, float]]:
+        """The KL per expert row on `split`, packed like training (a validation pass runs at every evaluation)."""
+        pack = (lambda examples, sequences: packing.pack(examples, sequences, 0, self.data.pad_id)) if self.packed else None
+        batches = self.data.chunks(split, self.no_grad_batch, pack)
 
-    # the experts' KLs are balanced (`balance`); the retain data's (the base's row) counts retain_weight times
-    retain = next((slot for slot, i in enumerate(data.experts) if job.rows[i] == job.retain_row), None)
+        def measure() -> Dict[str, float]:
+            return held_out_kl(self.job.rows, batches, lambda b: self.view.merged_logits(**b.inputs(self.device))[0],
+                               self.expert_logits, self.settings.temperature, self.device)
 
-    def micro_batch(step: int, micro: int) -> tuple:
-        batch, bounds = _micro_batch(data, settings, step * settings.grad_accum + micro, packed)
-        loss, kls = micro_batch_loss(view, data.experts, batch, teacher, settings, device, retain, bounds)
-        return loss, batch.mask.sum(), {job.rows[i]: kl for i, kl in kls.items()}
+        return measure
 
-    probe, probe_tokens = None, 0
-    if settings.lr == "auto":
-        chosen, probe, probe_tokens = choose_lr(Stage(list(raw.values()), probe_steps(steps), micro_batch), settings, kl_on("validation"),
-                                  ranks=ranks, quiet=job.quiet or not distributed.is_main())
-        settings = settings.model_copy(update={"lr": chosen})
+    def micro_batch(self, step: int, micro: int) -> tuple:
+        settings = self.settings
+        batch, bounds = _micro_batch(self.data, settings, step * settings.grad_accum + micro, self.packed)
+        loss, kls = micro_batch_loss(self.view, self.data.experts, batch, self.teacher, settings, self.device, self.retain, bounds)
+        return loss, batch.mask.sum(), {self.job.rows[i]: kl for i, kl in kls.items()}
 
-    clock = [time.perf_counter()]
+    def _probe_lr(self) -> float:
+        quiet = self.job.quiet or not distributed.is_main()
+        chosen, self.probe, self.probe_tokens = choose_lr(Problem(list(self.raw.values()), probe_steps(self.steps), self.micro_batch),
+                                                          self.settings, self.kl_on("validation"), ranks=self.ranks, quiet=quiet)
+        return chosen
 
-    def begin(optimizer):
-        resumed = checkpoints.begin(optimizer, evaluate)
+    def _begin(self, optimizer):
+        resumed = self.checkpoints.begin(optimizer, self.held_out)
         if not resumed:
-            select.measure(0)  # the linear start: the coefficients to beat
-        clock[0] = time.perf_counter()  # tokens/s counts training, not the step-0 evaluations
+            self.select.measure(0)  # the linear start: the coefficients to beat
+        self.clock = time.perf_counter()  # tokens/s counts training, not the step-0 evaluations
         return resumed
 
-    progress = tqdm(total=steps, desc="DAM training", disable=job.quiet or not distributed.is_main())
-    history = fit(Stage(list(raw.values()), steps, micro_batch), settings, progress, ranks=ranks, begin=begin,
-                  save=checkpoints.save, log_eta=True, select=select)
-    progress.close()
-    if distributed.is_main():
-        validation_chart(select.report(), artifact_path + ".validation.png")
+    def train(self) -> List[dict]:
+        """The lr probe (`lr: auto`), then the steps; the history of the steps run here."""
+        self.resolved["lr"] = auto.lr(self.settings, self._probe_lr)
+        self.settings = self.resolved.settings(self.settings)
+        progress = tqdm(total=self.steps, desc="DAM training", disable=self.job.quiet or not distributed.is_main())
+        history = fit(Problem(list(self.raw.values()), self.steps, self.micro_batch), self.settings, progress, ranks=self.ranks,
+                      begin=self._begin, save=self.checkpoints.save, log_eta=True, select=self.select)
+        progress.close()
+        if distributed.is_main():
+            validation_chart(self.select.report(), sidecar(self.artifact_path, "validation_chart"))
+        return history
 
-    coefficients, kl_start, kl_end = view.tables(), checkpoints.kl_start, evaluate()
-    kl_fit = kl_on("train_sample")()  # the same measure on examples trained on: the gap is what did not generalise
-    report = TrainingReport(
-        mode="end_to_end", steps=steps, device=str(device), processes=ranks.world if ranks else 1, dtype=dtype_name(dtype),
-        seconds=time.perf_counter() - started, tokens_per_second=_tokens_per_second(history[checkpoints.first_step:], clock[0]),
-        peak_memory_bytes=peak_memory(device), trainable_coefficients=sum(p.numel() for p in raw.values()),
-        held_out_kl={"step_0_linear_average": kl_start, "final": kl_end}, training_kl=kl_fit, loss_curve=_curve(history), estimate=plan,
-        validation=select.report(), lr=settings.lr, lr_probe=probe, teacher=settings.teacher, packing=packed,
-        tokens=sum(entry.get("tokens", 0) for entry in history) + probe_tokens,
-    )
-    checkpoints.remove()
-    LOG.info("dam: trained in %.1f s; held-out KL per expert, linear average -> DAM (DAM on as many training examples): %s",
-             report.seconds, {row: f"{kl_start[row]:.4f} -> {kl_end[row]:.4f} ({kl_fit[row]:.4f})" for row in kl_end})
-    return TrainingResult(coefficients, report)
+    def result(self, history: List[dict]) -> TrainingResult:
+        """The coefficients kept, the final held-out and training-sample KL, and the report."""
+        coefficients, kl_start, kl_end = self.view.tables(), self.checkpoints.kl_start, self.held_out()
+        kl_fit = self.kl_on("train_sample")()  # the same measure on examples trained on: the gap is what did not generalise
+        settings, ranks = self.settings, self.ranks
+        report = TrainingReport(
+            mode="end_to_end", steps=self.steps, device=str(self.device), processes=ranks.world if ranks else 1,
+            dtype=dtype_name(self.dtype), seconds=time.perf_counter() - self.started,
+            tokens_per_second=_tokens_per_second(history[self.checkpoints.first_step:], self.clock),
+            peak_memory_bytes=peak_memory(self.device), trainable_coefficients=sum(p.numel() for p in self.raw.values()),
+            held_out_kl={"step_0_linear_average": kl_start, "final": kl_end}, training_kl=kl_fit, loss_curve=_curve(history),
+            estimate=self.plan, validation=self.select.report(), lr=settings.lr, lr_probe=self.probe, teacher=settings.teacher,
+            packing=self.packed, tokens=sum(entry.get("tokens", 0) for entry in history) + self.probe_tokens,
+            resolved=self.resolved.report(),
+        )
+        self.checkpoints.remove()
+        LOG.info("dam: trained in %.1f s; held-out KL per expert, linear average -> DAM (DAM on as many training examples): %s",
+                 report.seconds, {row: f"{kl_start[row]:.4f} -> {kl_end[row]:.4f} ({kl_fit[row]:.4f})" for row in kl_end})
+        return TrainingResult(coefficients, report)
 
 
 def _join(settings):
@@ -147,61 +169,14 @@ def _join(settings):
     return distributed.setup(settings.train_device)
 
 
-def _check_memory(job, data: ExpertData, view: MergedModel, device, dtype, steps: int, ranks, host_cache: int = 0) -> dict:
-    """Log what will train and the estimate; stop before training when it cannot fit.
-    `host_cache`: bytes the cached teacher will keep in host memory (counted on CPU)."""
-    settings, world = job.settings, ranks.world if ranks else 1
-    raw = view.raw_parameters()
-    trainable = sum(p.numel() for p in raw.values())
-    length = min(settings.max_length, max(len(s) for seqs in data.train.values() for s in seqs))
-    available = available_memory(device)
-
-    def plan_for(mode: str) -> dict:
-        return estimate(job, dtype, len(data.experts) * settings.batch_size, length, trainable, world, mode)
-
-    view.recompute = recompute_mode(settings.recompute, ranks is not None, lambda mode: plan_for(mode)["peak_bytes"], available)
-    plan = {**plan_for(view.recompute), "recompute": view.recompute}
-    resident = resident_bytes() if device.type == "cpu" else None
-    if resident:  # on CPU the process holds more than the stacks: measure it instead of the stacks' estimate
-        memory = {name: size for name, size in plan["memory_bytes"].items() if name != "expert_weights"}
-        memory["process_after_loading"] = resident  # runtime, expert stacks, checkpoint pages read into them
-        if host_cache:
-            memory["teacher_cache"] = host_cache
-        plan = {**plan, "memory_bytes": memory, "peak_bytes": sum(memory.values())}
-    LOG.info("dam: training %d coefficients (%d of %d tensors) for inputs %s; experts with data: %s",
-             trainable, len(raw), len(job.tensors), job.rows, [job.rows[i] for i in data.experts])
-    LOG.info("dam: %d steps on %s%s (%s, recompute: %s); estimated peak memory %.2f GiB%s, %.2f TFLOP per step",
-             steps, device, f" x {world} processes (FSDP)" if ranks else "", dtype_name(dtype), view.recompute, plan["peak_bytes"] / 2**30,
-             f" of {available / 2**30:.1f} GiB available" if available else "", plan["flops_per_step"] / 1e12)
-    if available is not None and plan["peak_bytes"] - (resident or 0) > available:  # what is resident is had already
-        raise DamError(
-            f"dam: training needs about {plan['peak_bytes'] / 2**30:.1f} GiB on {device} but {available / 2**30:.1f} GiB "
-            "is available; lower max_length or batch_size, use train_dtype: bfloat16, recompute: layer, mode: layerwise, "
-            "or train on a larger device"
-        )
-    return plan
-
-
 def _packs(settings, data: ExpertData, expert_logits, device) -> bool:
-    """Whether training packs its micro-batches, logged: `on`, or `auto` on a CPU where
-    padding is a large share, and the model's packed logits checked against its padded
-    ones. `auto` pads on accelerators: there a small model's step is bound by the host,
-    which packing adds to (on an H200 it made the lab's training 1.48x slower, where on a
-    CPU it made it 1.81x faster; BENCHMARKS.md)."""
-    if settings.packing == "off" or (settings.packing == "auto" and not packing.worth_packing(data.train)):
-        return False
-    if settings.packing == "auto" and device.type != "cpu":
-        LOG.info("dam: packing: auto pads on %s (`packing: on` packs)", device.type)
-        return False
-    first = data.experts[0]  # one expert's model, on examples of every expert (so at least two when anything packs)
+    """Whether training packs its micro-batches (auto.packing decides), checking on one
+    expert's model, on examples of every expert (so at least two when anything packs),
+    that packed logits equal padded ones."""
+    first = data.experts[0]
     examples = [example for i in data.experts for example in data.train[i]]
-    works, difference = packing.check(lambda batch: expert_logits(first, batch), examples, data.pad_id)
-    if works:
-        LOG.info("dam: packing: short examples share rows (packed and padded logits agree to %.1e)", difference)
-    else:
-        LOG.info("dam: packing: off, this model's packed logits differ from its padded ones by up to %.3g; examples are padded",
-                 difference)
-    return works
+    return auto.packing(settings.packing, packing.worth_packing(data.train), device,
+                        lambda: packing.check(lambda batch: expert_logits(first, batch), examples, data.pad_id))
 
 
 def _micro_batch(data: ExpertData, settings, micro_step: int, packed: bool = False) -> tuple:

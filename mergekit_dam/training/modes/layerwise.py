@@ -33,20 +33,16 @@ from typing import Callable, Dict, List, Optional
 import torch
 from tqdm.auto import tqdm
 
-from mergekit_dam.plugin.config import DamError
+from mergekit_dam.core import auto
+from mergekit_dam.core.errors import DamError
 from mergekit_dam.training import distributed, objective
 from mergekit_dam.training.data import Batch, batch_indices, prepare_data
-from mergekit_dam.training.device import (
-    dtype_name,
-    peak_memory,
-    resolve_device,
-    start_run,
-)
+from mergekit_dam.training.device import dtype_name, peak_memory, start_run
 from mergekit_dam.training.evaluate import held_out_kl
 from mergekit_dam.training.experts import build_view
 from mergekit_dam.training.job import TrainingJob, TrainingReport, TrainingResult
-from mergekit_dam.training.loop import Stage, fit
-from mergekit_dam.training.teachers import cache_bytes, make_teacher, teacher_name
+from mergekit_dam.training.loop import Problem, fit
+from mergekit_dam.training.teachers import cache_bytes, make_teacher
 
 LOG = logging.getLogger("mergekit_dam")
 
@@ -69,20 +65,15 @@ def relative_error(student: torch.Tensor, target: torch.Tensor, mask: torch.Tens
     return error / scale
 
 
-# `lr: auto` here: layer-wise stages have no validation KL to probe against
-AUTO_LR = 1e-2
-
-
-def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
-    if job.settings.lr == "auto":
-        job = replace(job, settings=job.settings.model_copy(update={"lr": AUTO_LR}))
-        LOG.info("dam: lr: auto is %g in layer-wise mode (no validation KL to probe against)", AUTO_LR)
-    settings = job.settings
+def run(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     if distributed.world_size() > 1:
         raise DamError("dam: mode: layerwise runs in one process; launch it without torchrun, or use mode: end_to_end")
-    device = resolve_device(settings.train_device)
-    dtype, started = start_run(settings, device)
-    run = LayerwiseRun(job, device, dtype)
+    device = auto.device(job.settings.train_device)
+    dtype, started = start_run(job.settings, device)
+    resolved = auto.Resolved(parametrization=job.settings.parametrization, train_device=device, train_dtype=dtype, packing=False,
+                             lr=auto.lr(job.settings))  # no validation KL to probe against: auto.LAYERWISE_LR
+    run = LayerwiseRun(job, device, dtype, resolved)
+    settings = run.settings
     LOG.info("dam: layer-wise training: %d stages of %d steps on %s (%s), inputs %s", run.layers + 1, run.steps, device,
              dtype_name(dtype), job.rows)
     clock = time.perf_counter()
@@ -98,8 +89,8 @@ def train(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
         peak_memory_bytes=peak_memory(device),
         trainable_coefficients=sum(t.numel() for name, t in run.tables.items() if name in run.view.trained_names),
         held_out_kl={"step_0_linear_average": kl_start, "final": kl_end},
-        loss_curve=[{k: entry[k] for k in ("stage", "step", "loss", "kl")} for entry in run.history], lr=settings.lr, teacher=run.settings.teacher,
-        tokens=sum(entry["tokens"] for entry in run.history),
+        loss_curve=[{k: entry[k] for k in ("stage", "step", "loss", "kl")} for entry in run.history], lr=settings.lr, teacher=settings.teacher,
+        tokens=sum(entry["tokens"] for entry in run.history), resolved=resolved.report(),
     )
     LOG.info("dam: trained layer-wise in %.1f s; held-out KL per expert, linear average -> DAM: %s", report.seconds,
              {row: f"{kl_start[row]:.4f} -> {kl_end[row]:.4f}" for row in kl_end})
@@ -110,10 +101,11 @@ class LayerwiseRun:
     """The state of one layer-wise run: the lazily loaded view, each expert's training
     chunks and held-out checks with their hidden-state caches, the tables learned so far."""
 
-    def __init__(self, job: TrainingJob, device: torch.device, dtype: torch.dtype):
+    def __init__(self, job: TrainingJob, device: torch.device, dtype: torch.dtype, resolved: auto.Resolved):
         data = prepare_data(job)
-        settings = data.resolve(job.settings)
-        settings = settings.model_copy(update={"teacher": teacher_name(settings, cache_bytes(data.train, job.out_config.vocab_size, dtype))})
+        resolved["batch_size"] = auto.batch_size(job.settings, data.train_lengths())
+        resolved["teacher"] = auto.teacher(job.settings, cache_bytes(data.train, job.out_config.vocab_size, dtype))
+        settings = resolved.settings(job.settings)
         self.job = job = replace(job, settings=settings)
         self.settings, self.device = settings, device
         self.experts, self.steps = data.experts, data.steps(settings)
@@ -123,6 +115,8 @@ class LayerwiseRun:
 
         self.chunks, self.checks = chunks("train"), chunks("held_out")
         self.view = build_view(job, device, dtype, lazy=True)
+        # one layer at a time the memory estimate is one layer's: `auto` keeps activations
+        self.view.recompute = resolved["recompute"] = auto.recompute(settings.recompute, False, lambda mode: 0, None)
         self.layers = len(self.view.blocks)
         skeleton = self.view.skeleton
         head = skeleton.get_output_embeddings()
@@ -159,7 +153,7 @@ class LayerwiseRun:
                     kls[self.job.rows[i]] = kl
             return objective.balanced(losses, settings.balance) + objective.regularisers(tables.values(), settings), tokens, kls
 
-        self.history += fit(Stage(params, self.steps, micro_batch, stage), settings, self.progress)
+        self.history += fit(Problem(params, self.steps, micro_batch, stage), settings, self.progress)
         for key in keys:
             self.tables.update(self.view.groups[key].tables())
 

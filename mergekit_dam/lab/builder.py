@@ -24,24 +24,20 @@ import json
 import logging
 import os
 import platform
-import string
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 import yaml
 
-from mergekit_dam.atomic import atomic_write_text
-from mergekit_dam.tools.tiny import make_config, make_tokenizer, save_model
+from mergekit_dam.core.atomic import atomic_write_text
+from mergekit_dam.lab.skills import SKILLS, SPLITS, general_text, sample, skill_generators
+from mergekit_dam.lab.tiny import make_config, make_tokenizer, save_model
+from mergekit_dam.training.data import collate
 
 LOG = logging.getLogger("mergekit_dam")
 
-SKILLS = ("arithmetic", "shift", "translate", "brackets")
-SPLITS = ("train", "validation", "held_out")
 LM_EVAL_TAG = "dam_lab"  # lm-eval runs all of the lab's tasks under this name
-
-WORDS = ["the", "a", "cat", "dog", "bird", "fish", "man", "woman", "child", "house", "tree", "river", "sees",
-         "eats", "likes", "finds", "big", "small", "red", "old", "runs", "sleeps", "near", "under", "and"]
 
 
 @dataclass(frozen=True)
@@ -58,104 +54,46 @@ class Recipe:
     calibration: int = 256
     validation: int = 48
     held_out: int = 48
-    version: int = 1  # bump when the generators below change
+    version: int = 1  # bump when the generators (skills.py) change
 
 
-def _dictionary(seed: int) -> Dict[str, str]:
-    """The invented language: one made-up word per English word."""
-    generator = torch.Generator().manual_seed(seed + 7)
-    consonants, vowels = "bdfgklmnprstvz", "aeiou"
-    result, used = {}, set()
-    for word in WORDS:
-        while True:
-            syllables = 1 + int(torch.randint(0, 2, (1,), generator=generator))
-            made = "".join(consonants[int(torch.randint(0, 14, (1,), generator=generator))] + vowels[int(torch.randint(0, 5, (1,), generator=generator))] for _ in range(syllables))
-            if made not in used:
-                used.add(made)
-                result[word] = made
-                break
-    return result
-
-
-def _sentence(generator: torch.Generator) -> List[str]:
-    def pick(options):
-        return options[int(torch.randint(0, len(options), (1,), generator=generator))]
-
-    words = [pick(["the", "a"]), pick(["big", "small", "red", "old", ""]), pick(["cat", "dog", "bird", "man", "woman", "child"])]
-    words += [pick(["sees", "eats", "likes", "finds"]), pick(["the", "a"]), pick(["fish", "house", "tree", "river", "dog"])]
-    if int(torch.randint(0, 3, (1,), generator=generator)) == 0:
-        words += [pick(["near", "under"]), "the", pick(["house", "tree", "river"])]
-    return [w for w in words if w]
-
-
-def skill_generators(seed: int) -> Dict[str, Callable[[torch.Generator], Tuple[str, str]]]:
-    """(prompt, answer) samplers per skill; answers are exact."""
-    dictionary = _dictionary(seed)
-
-    def pick(generator, n):
-        return int(torch.randint(0, n, (1,), generator=generator))
-
-    def arithmetic(g):  # two-digit addition without carries: learnable at this size
-        digits = [(x, pick(g, 10 - x)) for x in (pick(g, 10), pick(g, 10))]
-        a, b = "".join(str(x) for x, _ in digits), "".join(str(y) for _, y in digits)
-        return f"{a}+{b}=", str(int(a) + int(b)).zfill(2)
-
-    def shift(g):
-        word = "".join(string.ascii_lowercase[pick(g, 26)] for _ in range(3 + pick(g, 4)))
-        return f"{word}>", "".join(string.ascii_uppercase[(string.ascii_lowercase.index(c) + 1) % 26] for c in word)
-
-    def translate(g):
-        words = _sentence(g)[: 2 + pick(g, 4)]
-        return " ".join(words) + "|", " ".join(dictionary[w] for w in words)
-
-    def brackets(g):
-        pairs = ["()", "[]", "{}", "<>"]
-        opened = [pairs[pick(g, 4)] for _ in range(2 + pick(g, 4))]
-        return "".join(p[0] for p in opened) + "~", "".join(p[1] for p in reversed(opened))
-
-    return {"arithmetic": arithmetic, "shift": shift, "translate": translate, "brackets": brackets}
-
-
-def split_of(prompt: str) -> str:
-    """Hash partition of the prompt space: 80% train (fine-tuning + calibration), 10% each
-    validation and held-out; a prompt belongs to exactly one split."""
-    bucket = int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 10
-    return "held_out" if bucket == 0 else "validation" if bucket == 1 else "train"
-
-
-def sample(generator_fn, split: str, count: int, generator: torch.Generator, unique: bool = True) -> List[Tuple[str, str]]:
-    examples, seen = [], set()
-    attempts = 0
-    while len(examples) < count:
-        attempts += 1
-        if attempts > count * 200:
-            raise RuntimeError(f"lab: could not draw {count} distinct {split} examples")
-        prompt, answer = generator_fn(generator)
-        if split_of(prompt) != split or (unique and prompt in seen):
-            continue
-        seen.add(prompt)
-        examples.append((prompt, answer))
-    return examples
-
-
-def general_text(generator: torch.Generator, count: int) -> List[str]:
-    return [" ".join(_sentence(generator)) + "." for _ in range(count)]
-
-
-def _lm_steps(model, tokenizer, texts_fn: Callable[[], List[str]], steps: int, lr: float) -> None:
-    from mergekit_dam.training.data import collate
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)  # linear decay
-    model.train()
-    for _ in range(steps):
-        ids, mask = collate([tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts_fn()], tokenizer.pad_token_id)
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+def fine_tune(model, batch: Callable[[], tuple], steps: int, lr: float, *, clip: float = 0.0,
+              check: Optional[Callable[[int, float], bool]] = None, every: int = 0) -> int:
+    """Full fine-tuning of a causal LM's trainable parameters on next-token loss: `steps`
+    AdamW steps, each on batch() -> (input ids, attention mask, labels with -100 where no
+    loss), the rate decayed linearly to 0, the gradient norm clipped to `clip` (0: not).
+    Every `every` steps and at the end, check(step, loss), in eval mode, may stop it (True).
+    Returns the steps run; the model is left in eval mode."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    step = 0
+    for step in range(1, steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * (1.0 - (step - 1) / steps)
+        model.train()
+        ids, mask, labels = batch()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
-        schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        if check is not None and (step % every == 0 or step == steps):
+            model.eval()
+            if check(step, loss.item()):
+                break
     model.eval()
+    return step
+
+
+def text_batches(tokenizer, texts: Callable[[], List[str]]) -> Callable[[], tuple]:
+    """batch() for `fine_tune` over plain texts (each ended by EOS): every token scored."""
+
+    def batch() -> tuple:
+        ids, mask = collate([tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts()], tokenizer.pad_token_id)
+        return ids, mask, ids.masked_fill(mask == 0, -100)
+
+    return batch
 
 
 def _write_jsonl(path: str, records: List[dict]) -> str:
@@ -243,29 +181,58 @@ def check_reference(manifest: dict) -> bool:
     return same
 
 
+def _reuse(root: str, recipe: Recipe):
+    """The manifest of a lab already built in `root` for `recipe` (what labs built before
+    later entries lack added, their models kept), or None."""
+    manifest_path = os.path.join(root, "lab.json")
+    if not os.path.exists(manifest_path):
+        return None
+    with open(manifest_path, encoding="utf-8") as handle:
+        manifest = json.load(handle)
+    if manifest.get("recipe") != asdict(recipe):
+        return None
+    before = dict(manifest)
+    if "lm_eval_tasks" not in manifest:
+        manifest["lm_eval_tasks"] = write_lm_eval_tasks(root, manifest["skills"])
+    if "general_calibration" not in manifest:
+        manifest["general_calibration"] = write_general_calibration(root, recipe, manifest["general"])
+    if "fingerprint" not in manifest:
+        manifest["fingerprint"] = fingerprint(manifest)
+    if manifest != before:
+        atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _expert(root: str, recipe: Recipe, index: int, skill: str, draw, base, config, tokenizer) -> dict:
+    """Fine-tune skill `index`'s expert from the base and write its data splits: its manifest entry."""
+    from transformers import AutoModelForCausalLM
+
+    train_generator = torch.Generator().manual_seed(recipe.seed + 100 + index)
+    expert = AutoModelForCausalLM.from_config(config)
+    expert.load_state_dict(base.state_dict())
+    def texts() -> List[str]:
+        return ["".join(pair) for pair in sample(draw, "train", recipe.batch, train_generator, unique=False)]
+
+    fine_tune(expert, text_batches(tokenizer, texts), recipe.finetune_steps, recipe.lr)
+    files = {}
+    for split, count in (("train", recipe.calibration), ("validation", recipe.validation), ("held_out", recipe.held_out)):
+        examples = sample(draw, split, count, torch.Generator().manual_seed(recipe.seed + 1000 * (index + 1) + SPLITS.index(split)))
+        records = [{"text": p + a} for p, a in examples] if split == "train" else [{"prompt": p, "answer": a} for p, a in examples]
+        name = "calibration" if split == "train" else split
+        files[name] = _write_jsonl(os.path.join(root, "data", f"{skill}.{name}.jsonl"), records)
+    return {"expert": save_model(expert, os.path.join(root, f"expert_{skill}"), tokenizer), **files}
+
+
 def build(root: str, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
     """Build (or reuse) the lab in `root`; returns its manifest (also `root/lab.json`)."""
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
     root = os.path.abspath(root)  # the manifest's paths: a relative one reads as a hub id to mergekit
-    manifest_path = os.path.join(root, "lab.json")
-    if os.path.exists(manifest_path):
-        with open(manifest_path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-        if manifest.get("recipe") == asdict(recipe):
-            before = dict(manifest)  # a lab built before these entries gets them, its models kept
-            if "lm_eval_tasks" not in manifest:
-                manifest["lm_eval_tasks"] = write_lm_eval_tasks(root, manifest["skills"])
-            if "general_calibration" not in manifest:
-                manifest["general_calibration"] = write_general_calibration(root, recipe, manifest["general"])
-            if "fingerprint" not in manifest:
-                manifest["fingerprint"] = fingerprint(manifest)
-            if manifest != before:
-                atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
-            check_reference(manifest)
-            return manifest
-
+    manifest = _reuse(root, recipe)
+    if manifest is not None:
+        check_reference(manifest)
+        return manifest
     torch.manual_seed(recipe.seed)
     os.makedirs(os.path.join(root, "data"), exist_ok=True)
     tokenizer = make_tokenizer()
@@ -275,7 +242,7 @@ def build(root: str, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
     bar = tqdm(total=1 + len(SKILLS), desc="building the lab", disable=not progress)
 
     base = AutoModelForCausalLM.from_config(config)
-    _lm_steps(base, tokenizer, lambda: general_text(text_generator, recipe.batch), recipe.pretrain_steps, recipe.lr)
+    fine_tune(base, text_batches(tokenizer, lambda: general_text(text_generator, recipe.batch)), recipe.pretrain_steps, recipe.lr)
     manifest = {"recipe": asdict(recipe), "base": save_model(base, os.path.join(root, "base"), tokenizer),
                 "skills": {}, "general": None}
     bar.update()
@@ -283,26 +250,11 @@ def build(root: str, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
                                        [{"text": t} for t in general_text(torch.Generator().manual_seed(recipe.seed + 2), recipe.held_out)])
     manifest["general_calibration"] = write_general_calibration(root, recipe, manifest["general"])
     for index, skill in enumerate(SKILLS):
-        draw = generators[skill]
-        train_generator = torch.Generator().manual_seed(recipe.seed + 100 + index)
-
-        def batch_texts():
-            return ["".join(pair) for pair in sample(draw, "train", recipe.batch, train_generator, unique=False)]
-
-        expert = AutoModelForCausalLM.from_config(config)
-        expert.load_state_dict(base.state_dict())
-        _lm_steps(expert, tokenizer, batch_texts, recipe.finetune_steps, recipe.lr)
-        files = {}
-        for split, count in (("train", recipe.calibration), ("validation", recipe.validation), ("held_out", recipe.held_out)):
-            examples = sample(draw, split, count, torch.Generator().manual_seed(recipe.seed + 1000 * (index + 1) + SPLITS.index(split)))
-            records = [{"text": p + a} for p, a in examples] if split == "train" else [{"prompt": p, "answer": a} for p, a in examples]
-            name = "calibration" if split == "train" else split
-            files[name] = _write_jsonl(os.path.join(root, "data", f"{skill}.{name}.jsonl"), records)
-        manifest["skills"][skill] = {"expert": save_model(expert, os.path.join(root, f"expert_{skill}"), tokenizer), **files}
+        manifest["skills"][skill] = _expert(root, recipe, index, skill, generators[skill], base, config, tokenizer)
         bar.update()
     bar.close()
     manifest["lm_eval_tasks"] = write_lm_eval_tasks(root, manifest["skills"])
     manifest["fingerprint"] = fingerprint(manifest)
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+    atomic_write_text(os.path.join(root, "lab.json"), json.dumps(manifest, indent=1))
     check_reference(manifest)
     return manifest

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from typing import Callable
 
-from mergekit_dam.plugin.config import DamError
+from mergekit_dam.core.errors import DamError
 
 
 class WriteError(DamError):

@@ -1,6 +1,6 @@
 """The demo: the lab's experts merged six ways through stock mergekit, then compared.
 
-Builds (or reuses) the lab (lab.py), writes the six configs of `example_configs/lab/`
+Builds (or reuses) the lab (builder.py), writes the six configs of `example_configs/lab/`
 (dam, dam_retain, linear, task_arithmetic, ties, dare_ties) for this lab
 directory, runs `mergekit-yaml` on each DAM config (DAM trains inside its merge; each in
 its own process, so its time is DAM's) and the four others as one `mergekit-multi`
@@ -23,7 +23,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import yaml
 
-from mergekit_dam.tools.lab import SKILLS, build
+from mergekit_dam.lab.builder import build
+from mergekit_dam.lab.skills import SKILLS
 
 # The demo trains with the package defaults (lr, batch size and steps `auto`/unset;
 # BENCHMARKS.md); only the seed is the lab's.
@@ -86,14 +87,14 @@ def _tensors(path: str) -> Dict[str, torch.Tensor]:
     return tensors
 
 
-def _mergekit_yaml(config: dict, config_path: str, out: str, quiet: bool, options: Sequence[str] = ()) -> float:
+def mergekit_yaml(config: dict, config_path: str, out: str, quiet: bool, options: Sequence[str] = ()) -> float:
     """Seconds a stock `mergekit-yaml` run of `config` took; `options`: more of its flags (e.g. --cuda)."""
     with open(config_path, "w", encoding="utf-8") as handle:
         yaml.safe_dump(config, handle, sort_keys=False)
     return _run([os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), config_path, out], quiet, options)
 
 
-def _mergekit_multi(configs: Dict[str, dict], config_path: str, folder: str, quiet: bool) -> float:
+def mergekit_multi(configs: Dict[str, dict], config_path: str, folder: str, quiet: bool) -> float:
     """Seconds one stock `mergekit-multi` run (mergekit's multi-stage pipeline: several merges in
     one process) took to write each config's merge to `folder`/merged-NAME."""
     # a stage's name must differ from every method's: mergekit-multi reads any string equal to a
@@ -133,9 +134,9 @@ def run_demo(workdir: str, quiet: bool = False, recipe=None, dam_settings: Optio
     manifest = build(os.path.join(workdir, "lab"), **({"recipe": recipe} if recipe else {}), progress=not quiet)
     artifact = os.path.join(workdir, "dam_coefficients.safetensors")
     configs = merge_configs(manifest, artifact, dam_settings)
-    seconds = {name: _mergekit_yaml(configs.pop(name), os.path.join(workdir, f"{name}.yml"), os.path.join(workdir, f"merged-{name}"), quiet)
+    seconds = {name: mergekit_yaml(configs.pop(name), os.path.join(workdir, f"{name}.yml"), os.path.join(workdir, f"merged-{name}"), quiet)
                for name in ("dam", "dam_retain")}  # each in its own process: its time is DAM's cost
-    seconds["simple merges"] = _mergekit_multi(configs, os.path.join(workdir, "simple_merges.yml"), workdir, quiet)
+    seconds["simple merges"] = mergekit_multi(configs, os.path.join(workdir, "simple_merges.yml"), workdir, quiet)
     merges = ["dam", "dam_retain", *configs]
     worst = max(check_dam_output(os.path.join(workdir, "merged-dam"), artifact),
                 check_dam_output(os.path.join(workdir, "merged-dam_retain"), retain_artifact_of(artifact)))

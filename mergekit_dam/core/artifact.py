@@ -19,10 +19,23 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from mergekit_dam.atomic import atomic_write
-from mergekit_dam.plugin.config import DamError
+from mergekit_dam.core.atomic import atomic_write
+from mergekit_dam.core.errors import DamError
 
 FORMAT = "mergekit-dam/1"
+
+# The files training writes beside an artifact, each named by one rule: the artifact's name
+# with its extension replaced (`coefficients.safetensors` -> `coefficients.report.json`).
+SIDECARS = {
+    "report": ".report.json",  # the training report (job.TrainingReport), kept
+    "checkpoint": ".ckpt",  # the training checkpoint, removed when the run ends
+    "validation_chart": ".validation.png",  # the validation KL curve, kept
+}
+
+
+def sidecar(artifact_path: str, kind: str) -> str:
+    """The path of the `kind` file (a key of SIDECARS) beside the artifact at `artifact_path`."""
+    return os.path.splitext(artifact_path)[0] + SIDECARS[kind]
 
 
 def versions() -> Dict[str, str]:

@@ -26,7 +26,7 @@ LOG = logging.getLogger("mergekit_dam")
 @functools.lru_cache(maxsize=None)
 def _triton():
     try:
-        from mergekit_dam import fused
+        from mergekit_dam.core import fused
     except ImportError:  # no triton: the plain path
         return None
     return fused
