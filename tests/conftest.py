@@ -134,3 +134,29 @@ def lab_dam_config(lab, artifact, data=True, **parameters) -> dict:
     models = [{"model": m, **({"parameters": {"dataset": d}} if data else {})} for m, d in zip(lab["experts"], lab["data"])]
     return {"merge_method": "dam", "base_model": lab["base"], "models": models, "dtype": "float32",
             "parameters": {"coefficients": str(artifact), **parameters}}
+
+
+# --- the training runs' helpers (tests/integration/) ----------------------------------------
+
+FAST = {"steps": 12, "lr": 0.02, "max_length": 24, "batch_size": 4, "samples": 40, "schedule": "constant"}  # the rate these tests were sized for
+N = len(SKILLS)
+
+
+def lab_config(lab, artifact, data=True, **parameters):
+    return lab_dam_config(lab, artifact, data, **{**FAST, **parameters})
+
+
+def merge(config, out, **options):
+    """mergekit's run_merge of `config` (a dict) into `out`, quietly."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    run_merge(MergeConfiguration.model_validate(config), str(out), MergeOptions(quiet=True, **options))
+
+
+def update_agreement(a, b):
+    """How closely two runs moved the coefficients away from 1/N: the relative error of
+    b's updates against a's, and their cosine, over all tables together."""
+    da = torch.cat([(a[n] - 1 / N).flatten() for n in sorted(a)]).double()
+    db = torch.cat([(b[n] - 1 / N).flatten() for n in sorted(a)]).double()
+    return float((db - da).norm() / da.norm()), float(torch.nn.functional.cosine_similarity(da, db, dim=0))

@@ -87,16 +87,3 @@ def test_cache_bytes_counts_one_row_of_logits_per_scored_token():
     assert cache_bytes({0: ANSWERED, 3: ANSWERED[:1]}, 10, torch.bfloat16) == (7 + 3) * 10 * 2
 
 
-@pytest.mark.parametrize("size, expected", [(0, "cached"), (auto.CACHE_BUDGET_BYTES, "cached"),
-                                            (auto.CACHE_BUDGET_BYTES + 1, "online")])
-def test_auto_caches_within_the_budget(size, expected, caplog):
-    caplog.set_level("INFO", logger="mergekit_dam")
-    name = auto.teacher(DamSettings(), size)
-    teacher = make_teacher(DamSettings(teacher=name), logits_of, torch.device("cpu"))
-    assert name == expected and type(teacher) is TEACHERS[expected]
-    assert f"teacher: auto is {expected}" in caplog.text
-
-
-def test_an_explicit_teacher_is_kept_whatever_the_size():
-    assert auto.teacher(DamSettings(teacher="online"), 0) == "online"
-    assert auto.teacher(DamSettings(teacher="topk"), auto.CACHE_BUDGET_BYTES + 1) == "topk"

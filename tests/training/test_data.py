@@ -206,13 +206,3 @@ def test_answer_tokens_under_a_real_chat_template(tmp_path, smollm2):
     assert "".join(smollm2.decode([t]) for t, a in zip(example.ids, example.answer) if a) == "42<|im_end|>\n"
 
 
-@pytest.mark.parametrize("lengths, expected", [([16] * 10, 16), ([2048] * 3, 1), ([300, 212], 1), ([2] * 50, 64), ([10, 22], 16)])
-def test_batch_size_auto_takes_about_256_tokens_per_expert(lengths, expected):
-    from mergekit_dam.core import auto
-    from mergekit_dam.core.settings import DamSettings
-    from mergekit_dam.training.data import Example, ExpertData
-
-    data = ExpertData(experts=[0, 1], train={0: [Example([1] * n) for n in lengths], 1: [Example([1] * n) for n in lengths]},
-                      held_out={0: [], 1: []}, pad_id=0)
-    assert auto.batch_size(DamSettings(), data.train_lengths()) == expected
-    assert auto.batch_size(DamSettings(batch_size=3), data.train_lengths()) == 3  # an explicit value is kept

@@ -12,7 +12,7 @@ from mergekit.merge import MergeOptions
 
 from mergekit_dam.plugin import host
 
-PACKAGE = os.path.join(os.path.dirname(__file__), "..", "mergekit_dam")
+PACKAGE = os.path.join(os.path.dirname(__file__), "..", "..", "mergekit_dam")
 INTERNAL_NAMES = {"LoaderCache", "MergePlanner", "_getframe"}
 
 

@@ -17,7 +17,7 @@ from mergekit_dam.tools.compare import Scorer
 
 pytest.importorskip("cma")
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "evolution.py")
+SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "benchmarks", "evolution.py")
 
 
 @pytest.fixture(scope="module")

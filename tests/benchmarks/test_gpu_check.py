@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "gpu_check.py")
+SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "benchmarks", "gpu_check.py")
 # the steps that use the engine's internals; the others go through the public API (the training
 # stage, apply) or are the GPU tests themselves
 STEPS = ["merge_kernels", "train_step_1b_online", "train_step_7b_topk"]

@@ -13,7 +13,7 @@ import pytest
 
 from mergekit_dam.lab.skills import split_of
 
-HERE = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
+HERE = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "benchmarks")
 
 
 def _script(name):

@@ -117,3 +117,12 @@ def test_written_files_get_ordinary_permissions(tmp_path):
         os.umask(previous)
     for name in ("c.safetensors", "r.json"):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644, name
+
+
+def test_the_files_beside_an_artifact_share_its_name_without_the_extension():
+    from mergekit_dam.core.artifact import SIDECARS, sidecar
+
+    assert sidecar("/w/coefficients.safetensors", "report") == "/w/coefficients.report.json"
+    assert sidecar("/w/c.safetensors", "checkpoint") == "/w/c.ckpt"
+    assert sidecar("/w/c", "validation_chart") == "/w/c.validation.png"
+    assert set(SIDECARS) == {"report", "checkpoint", "validation_chart"}

@@ -58,15 +58,3 @@ def test_the_kl_counts_only_the_answer_tokens(families):
     assert not torch.allclose(everything, loss)
 
 
-def test_auto_recompute_keeps_activations_only_where_they_fit():
-    from mergekit_dam.core.errors import DamError
-    from mergekit_dam.core.auto import recompute as recompute_mode
-
-    peaks = {"weights": 100, "layer": 40, "none": 130}
-    assert recompute_mode("auto", False, peaks.get, available=120) == "weights"
-    assert recompute_mode("auto", False, peaks.get, available=105) == "layer"  # 90% margin
-    assert recompute_mode("auto", False, peaks.get, available=None) == "weights"
-    assert recompute_mode("auto", True, peaks.get, available=10**9) == "layer"
-    assert recompute_mode("none", False, peaks.get, available=1) == "none"
-    with pytest.raises(DamError, match="recompute: weights is for one process"):
-        recompute_mode("weights", True, peaks.get, available=None)

@@ -1,12 +1,11 @@
-import typing
+"""Reading the raw `parameters:` blocks of a mergekit config (plugin/config.py), and the
+example configs."""
 
 import pytest
 import yaml
 from mergekit.config import MergeConfiguration
 
 from mergekit_dam.core.errors import DamError
-from mergekit_dam.core.settings import DamSettings, ModelSettings, parse_settings
-from mergekit_dam.core.settings_table import README_TABLES, readme_tables, settings_table
 from mergekit_dam.plugin.config import check_merge_config
 
 
@@ -17,39 +16,6 @@ def normalised(config: dict) -> MergeConfiguration:
         "default": {"slices": [{"sources": [{**m, "layer_range": [0, 2]} for m in models]}]}
     }
     return MergeConfiguration.model_validate({"merge_method": "dam", **config})
-
-
-def test_defaults_follow_the_reference_where_they_need_no_tuning():
-    settings = DamSettings()
-    assert (settings.temperature, settings.similarity_weight, settings.grad_clip) == (2.0, 0.01, 1.0)
-    assert (settings.lr, settings.batch_size, settings.min_steps, settings.parametrization) == ("auto", "auto", 560, "auto")
-    assert (settings.schedule, settings.packing, settings.balance) == ("cosine", "auto", 0.0)
-    assert (settings.l1_weight, settings.l2_weight, settings.topk, settings.max_length) == (0.0, 0.0, 128, 2048)
-    assert settings.train_embeddings and settings.train_norms and not settings.include_base
-
-
-@pytest.mark.parametrize("name, value", [("lr", 0), ("lr", -1e-3), ("lr", "fast"), ("batch_size", 0), ("batch_size", 1.5), ("batch_size", "big")])
-def test_lr_and_batch_size_are_positive_numbers_or_auto(name, value):
-    with pytest.raises(DamError, match=f"invalid value for `{name}`"):
-        parse_settings({name: value})
-
-
-def test_yaml_scientific_notation_strings_are_numbers():
-    assert parse_settings({"lr": "1e-3"}).lr == 1e-3
-
-
-def test_yaml_on_and_off_are_packing_modes():
-    """YAML 1.1 reads a bare `packing: off` as false; it means what it says."""
-    assert parse_settings(yaml.safe_load("packing: off")).packing == "off"
-    assert parse_settings(yaml.safe_load("packing: on")).packing == "on"
-    assert parse_settings({}).packing == "auto"
-    # mergekit validates each parameter against its declared type before the plugin reads it
-    from mergekit_dam.plugin.method import _spec
-
-    specs = {spec.name: spec for spec in _spec().parameters}
-    for name, value in (("packing", False), ("packing", True), ("recompute", False)):
-        assert specs[name].validate(value) is value
-        assert parse_settings({name: value}).model_dump()[name] in {"off", "on", "none"}
 
 
 def test_reads_shared_and_per_model_settings():
@@ -91,7 +57,7 @@ def test_example_configs_are_valid():
 
     import yaml
 
-    root = os.path.join(os.path.dirname(__file__), "..", "example_configs")
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "example_configs")
     files = sorted(glob.glob(os.path.join(root, "*.yml")))
     assert {os.path.basename(f) for f in files} >= {"dam.yml", "linear.yml", "ties.yml", "dare_ties.yml"}
     for file in files:
@@ -109,7 +75,7 @@ def test_multi_stage_example_configs_are_valid():
 
     import yaml
 
-    files = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "example_configs", "multi", "*.yml")))
+    files = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "example_configs", "multi", "*.yml")))
     assert files
     for file in files:
         with open(file) as handle:
@@ -135,40 +101,7 @@ def test_lab_example_configs_match_the_demo():
     root = "./dam-lab"  # "./": mergekit's model card would look "dam-lab/base" up on the hub
     manifest = {"base": f"{root}/base", "general_calibration": f"{root}/data/general.calibration.jsonl", "skills": {
         s: {"expert": f"{root}/expert_{s}", "calibration": f"{root}/data/{s}.calibration.jsonl"} for s in SKILLS}}
-    here = os.path.join(os.path.dirname(__file__), "..", "example_configs", "lab")
+    here = os.path.join(os.path.dirname(__file__), "..", "..", "example_configs", "lab")
     for name, config in merge_configs(manifest, f"{root}/dam_coefficients.safetensors").items():
         with open(os.path.join(here, f"{name}.yml")) as handle:
             assert yaml.safe_load(handle) == config, name
-
-
-@pytest.mark.parametrize("model", [DamSettings, ModelSettings])
-def test_every_setting_is_documented_with_its_choices(model):
-    for name, field in model.model_fields.items():
-        assert field.description and field.description.strip(), f"{model.__name__}.{name} has no description"
-        for choice in typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else ():
-            assert f"`{choice}`" in field.description, f"{model.__name__}.{name}: choice `{choice}` not described"
-
-
-def test_readme_settings_tables_are_generated_from_the_fields():
-    """README.md's Configuration tables are `settings_table` output, one row per setting
-    (regenerate: python -c "from mergekit_dam.core.settings_table import update_readme_tables; update_readme_tables('README.md')")."""
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), "..", "README.md")
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    lines = text.split("\n")
-    tables = ["\n".join(lines[first:stop]) for first, stop in readme_tables(text)]
-    assert tables == [settings_table(ModelSettings), settings_table(DamSettings)]
-    assert [settings_table(model) for model in README_TABLES] == tables
-    for model, table in zip(README_TABLES, tables):
-        names = [row.split("|")[1].strip().strip("`") for row in table.split("\n")[2:]]
-        assert names == list(model.model_fields)
-
-
-def test_settings_table_rows():
-    table = settings_table(DamSettings).split("\n")
-    assert table[:2] == ["| name | default | description |", "|---|---|---|"]
-    assert "| `steps` | unset | optimizer steps" in "\n".join(table)
-    assert "| `retrain` | `false` | " in "\n".join(table) and "| `lr` | `auto` | " in "\n".join(table)
-    assert settings_table(ModelSettings).split("\n")[2].startswith('| `dataset` | `""` | ')
