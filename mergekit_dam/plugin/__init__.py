@@ -1,2 +1,3 @@
-"""The mergekit plugin: settings, the `dam` method spec and kernel, the pre-merge stage,
-the inventory of a merge's inputs, the coefficient artifact and the apply kernel."""
+"""The mergekit plugin: the `dam` method spec and kernel (the apply path), its registration,
+the pre-merge stage (the decision, its store, the training key, the launch of training),
+the reading of a merge's config and inventory, and the guard around `run_merge`."""

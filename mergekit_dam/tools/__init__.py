@@ -1,2 +1,2 @@
-"""Tools around the merge: the offline merge lab, tiny model families, compare,
-inspect and the demo."""
+"""Tools a user runs on merges: compare (scores side by side, and lm-eval's through
+harness.py) and inspect (an artifact's coefficients). The merge lab is in lab/."""
