@@ -27,7 +27,7 @@ import uuid
 
 from mergekit_dam.core.atomic import remove_orphans
 from mergekit_dam.core.errors import DamError
-from mergekit_dam.core.paths import is_local, resolve_path
+from mergekit_dam.core.paths import dataset_file_problem, is_local
 from mergekit_dam.plugin.card import add_to_card, datasets_of
 from mergekit_dam.plugin.one_line_errors import install_error_hook
 from mergekit_dam.plugin.prepared import PREPARED
@@ -63,10 +63,11 @@ def check_models(config, write_model_card: bool = False) -> None:
 
 
 def check_datasets(config) -> None:
-    """Local dataset files that do not exist, named before mergekit reads any model."""
+    """Local dataset paths that are not readable files, named before mergekit reads any model."""
     for model, dataset in datasets_of(config).items():
-        if is_local(dataset) and not os.path.exists(resolve_path(dataset)):
-            raise DamError(f"dam: dataset file {dataset} (model {model}) does not exist; fix the path")
+        problem = dataset_file_problem(dataset, model) if is_local(dataset) else None
+        if problem:
+            raise DamError(problem)
 
 
 def _check_card_lookup(path: str) -> None:

@@ -23,11 +23,14 @@ def run_job(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
     import torch
 
     from mergekit_dam.core import auto
+    from mergekit_dam.core.artifact import sidecar
     from mergekit_dam.training.device import out_of_memory
+    from mergekit_dam.training.interrupts import stopping_on_signals
 
     mode = import_module(f"mergekit_dam.training.modes.{job.settings.mode}")
     try:
-        return mode.run(job, key, artifact_path)
+        with stopping_on_signals(sidecar(artifact_path, "checkpoint"), key):
+            return mode.run(job, key, artifact_path)
     except torch.OutOfMemoryError:  # outside the steps (loading the experts, caching teachers, evaluating)
         raise out_of_memory(auto.device(job.settings.train_device), job.settings, "before or after the training steps") from None
 

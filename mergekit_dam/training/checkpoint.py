@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -45,7 +46,7 @@ def load_checkpoint(path: str, key: str, raw: Dict[str, torch.nn.Parameter], opt
     try:
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
-            if metadata.get("key") != key:
+            if metadata.get("key") != key or "step" not in metadata:  # another job's, or only the lr probe's scores
                 return None
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, OSError):
@@ -77,6 +78,7 @@ class Checkpoints:
         self.selection = selection  # selection.KeepBest: its state travels in the checkpoint
         self.kl_start: Dict[str, float] = {}
         self.first_step = 0
+        self.probe_state: Optional[dict] = None
 
     def begin(self, optimizer, measure):
         resumed = load_checkpoint(self.path, self.key, self.raw, optimizer, self.selection) if self.enabled else None
@@ -87,11 +89,37 @@ class Checkpoints:
             self.kl_start = measure()
         return resumed
 
+    def probe(self) -> Optional[dict]:
+        """What the `lr: auto` probe measured before this run stopped: {"scores": [[rate,
+        validation KL or None (diverged)], ...], "tokens": n}, or None."""
+        from safetensors import SafetensorError, safe_open
+
+        if not self.enabled or not os.path.exists(self.path):
+            return None
+        try:
+            with safe_open(self.path, framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except (SafetensorError, OSError):
+            return None
+        return json.loads(metadata["lr_probe"]) if metadata.get("key") == self.key and "lr_probe" in metadata else None
+
+    def save_probe(self, scores: Dict[float, float], tokens: int) -> None:
+        """Keep the probe's scores so far (a checkpoint with no training state yet)."""
+        self.probe_state = {"scores": [[rate, score if math.isfinite(score) else None] for rate, score in scores.items()],
+                            "tokens": tokens}
+        if self.enabled and distributed.is_main():
+            try:
+                atomic_save(self.path, {}, {"key": self.key, "lr_probe": json.dumps(self.probe_state)})
+            except WriteError as error:
+                LOG.warning("%s (the probe goes on without keeping its scores)", error)
+
     def save(self, step: int, optimizer, history: list) -> None:
         history[0]["held_out_kl"] = self.kl_start
+        selection = self.selection.state() if self.selection else ({}, {})
+        if self.probe_state is not None:  # a run resumed from here does not probe again
+            selection = (selection[0], {**selection[1], "lr_probe": json.dumps(self.probe_state)})
         try:
-            save_checkpoint(self.path, self.key, step, self.raw, optimizer, history,
-                            self.selection.state() if self.selection else ({}, {}))
+            save_checkpoint(self.path, self.key, step, self.raw, optimizer, history, selection)
         except WriteError as error:  # training goes on; only resuming from here is lost
             LOG.warning("%s (training continues without this checkpoint)", error)
 

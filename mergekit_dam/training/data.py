@@ -27,8 +27,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from mergekit_dam.core.errors import DamError
-from mergekit_dam.core.paths import LOCAL_BUILDERS, is_local, resolve_path
+from mergekit_dam.core.paths import LOCAL_BUILDERS, dataset_file_problem, is_local, resolve_path
 from mergekit_dam.core.settings import ModelSettings
+from mergekit_dam.training.answers import check_answers
 
 PAIR_FIELDS = (("prompt", "response"), ("prompt", "completion"))
 LOG = logging.getLogger("mergekit_dam")
@@ -44,8 +45,9 @@ def load_records(settings: ModelSettings, model: str):
         if is_local(name):
             path = resolve_path(name)
             builder = LOCAL_BUILDERS.get(os.path.splitext(path)[1].lower())
-            if not os.path.isfile(path):
-                raise DamError(f"dam: dataset file {path} (model {model}) does not exist; fix the path")
+            problem = dataset_file_problem(name, model)
+            if problem:
+                raise DamError(problem)
             if builder is None:
                 raise DamError(
                     f"dam: dataset {path} (model {model}) has an unsupported extension; "
@@ -99,6 +101,7 @@ class Example:
 
     ids: List[int]
     answer: Optional[List[int]] = None  # 1 on answer tokens
+    cut: bool = False  # its answer ran past max_length (all or part of it is not among the ids)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -180,7 +183,8 @@ def tokenize(
         encoded = tokenizer(text, truncation=True, max_length=max_length, return_offsets_mapping=scored)
         if encoded["input_ids"]:
             answer = _answer_mask(encoded["offset_mapping"], spans) if scored else None
-            examples.append(Example(list(encoded["input_ids"]), answer))
+            cut = scored and bool(spans) and encoded["offset_mapping"][-1][1] < max(end for _, end in spans)
+            examples.append(Example(list(encoded["input_ids"]), answer, cut))
     if not examples:
         raise DamError(f"dam: dataset {settings.dataset} (model {model}) has no text after tokenisation")
     return examples
@@ -272,6 +276,7 @@ class ExpertData:
     held_out: Dict[int, List[Example]]
     pad_id: int
     validation: Dict[int, List[Example]] = None  # None: the held-out split serves
+    answered: Dict[str, dict] = None  # per expert row: its examples and those without an answer token (answers.py)
 
     def chunks(self, split: str, size: int, pack: Optional[Callable] = None) -> Dict[int, List[Batch]]:
         """Each expert's `split` ("train", "validation", "held_out", or "train_sample": its first
@@ -310,11 +315,12 @@ def prepare_data(job) -> ExpertData:
         max_length = positions
     pad_id = job.tokenizer.pad_token_id if job.tokenizer.pad_token_id is not None else (job.tokenizer.eos_token_id or 0)
     experts = [index for index, row in enumerate(job.rows) if row in job.data]
-    train, validation, held_out = {}, {}, {}
+    train, validation, held_out, answered = {}, {}, {}, {}
     for index in experts:
         row = job.rows[index]
         sequences = tokenize(job.data[row], job.tokenizer, row, samples=settings.samples, max_length=max_length,
                              seed=settings.seed, loss_on=settings.loss_on)
+        answered[row] = check_answers(row, sequences, max_length)
         keep = max(1, min(HELD_OUT_MAX, len(sequences) // 10)) if len(sequences) >= 2 else 0
         check = keep if len(sequences) >= 10 else 0
         train[index] = sequences[: len(sequences) - keep - check] if keep else sequences
@@ -324,7 +330,7 @@ def prepare_data(job) -> ExpertData:
             LOG.warning("dam: %s has a single example; its held-out KL is measured on training data", row)
     if any(v is None for v in validation.values()):
         validation = None
-    return ExpertData(experts, train, held_out, pad_id, validation)
+    return ExpertData(experts, train, held_out, pad_id, validation, answered)
 
 
 def batch_indices(count: int, batch_size: int, micro_step: int, seed: int, salt: int) -> List[int]:

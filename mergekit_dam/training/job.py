@@ -55,6 +55,7 @@ class TrainingReport:
     teacher: Optional[str] = None  # the teacher used (`teacher: auto`'s choice)
     packing: Optional[bool] = None  # whether micro-batches were packed (`packing`'s choice, end-to-end mode)
     tokens: Optional[int] = None  # real tokens through the merged model in training (forward + backward), the probe's included
+    answers: Optional[Dict[str, dict]] = None  # per expert: its examples, and those without an answer token (answers.py)
     resolved: Optional[Dict[str, Any]] = None  # every setting that accepts `auto`, as this run used it (core/auto.py)
 
     def to_dict(self) -> dict:

@@ -20,6 +20,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from mergekit_dam.core.errors import DamError
 from mergekit_dam.core.settings import DamSettings
 from mergekit_dam.training.device import out_of_memory
+from mergekit_dam.training.interrupts import Interrupts
 from mergekit_dam.training.schedule import lr_factor
 
 LOG = logging.getLogger("mergekit_dam")
@@ -112,40 +113,6 @@ def _step(problem: Problem, settings: DamSettings, optimizer, step: int, loss: f
         torch.nn.utils.clip_grad_norm_(problem.params, settings.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-
-
-class Interrupts:
-    """SIGINT and SIGTERM while a checkpointing run trains: the step in progress ends, a
-    checkpoint is written, and the run stops (`stop`); a second signal stops at once.
-    Installed only in the main thread (where Python delivers signals)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.signal: Optional[int] = None
-        self.previous: dict = {}
-
-    def __enter__(self) -> "Interrupts":
-        if self.enabled:
-            self.previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
-
-    def _handle(self, number, frame) -> None:
-        if self.signal is not None:  # asked twice: no checkpoint, stop now
-            raise KeyboardInterrupt
-        self.signal = number
-        LOG.warning("dam: %s: finishing this step and writing a checkpoint (again to stop at once)", signal.Signals(number).name)
-
-    def stop(self, step: int) -> None:
-        LOG.warning("dam: stopped after step %d with a checkpoint; run the same command again to resume", step)
-        if self.signal == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise SystemExit(128 + self.signal)
 
 
 def _accumulate(problem: Problem, settings: DamSettings, step: int, ranks, flags: tuple) -> tuple:

@@ -17,9 +17,9 @@ import math
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
-from tqdm.auto import tqdm
 
 from mergekit_dam.training.loop import NonFiniteLoss, Problem, fit
+from mergekit_dam.training.progress import progress_bar
 
 LOG = logging.getLogger("mergekit_dam")
 
@@ -48,17 +48,24 @@ def climb(score: Callable[[float], float], candidates: Sequence[float] = CANDIDA
     return scores
 
 
-def choose_lr(problem: Problem, settings, validate: Callable[[], Dict[str, float]], *, ranks=None,
-              quiet: bool = False) -> Tuple[float, Dict[str, Optional[float]], int]:
+def choose_lr(problem: Problem, settings, validate: Callable[[], Dict[str, float]], *, ranks=None, quiet: bool = False,
+              known: Optional[dict] = None, record: Optional[Callable[[Dict[float, float], int], None]] = None
+              ) -> Tuple[float, Dict[str, Optional[float]], int]:
     """Run `problem.steps` steps at each rate the climb visits, from the current coefficients
     (put back after each), scored by validate() (KL per expert row); (the best rate, the
-    mean validation KL per visited rate, ascending, the tokens the probe trained on)."""
+    mean validation KL per visited rate, ascending, the tokens the probe trained on).
+    `known`: what a stopped run measured (checkpoint.Checkpoints.probe): those rates are not
+    trained again, and each rate run is given to `record(scores so far, tokens so far)`."""
     start = [p.detach().clone() for p in problem.params]
     probe = settings.model_copy(update={"warmup_steps": 0, "schedule": "constant", "checkpoint_minutes": 0, "checkpoint_every": 0})
-    tokens = [0]
-    progress = tqdm(total=4 * problem.steps, desc="DAM lr probe", disable=quiet)  # the climb visits 3 or 4 rates
+    done = {rate: (math.inf if score is None else score) for rate, score in (known or {}).get("scores", [])}
+    tokens = [(known or {}).get("tokens", 0)]
+    progress = progress_bar(4 * problem.steps, "DAM lr probe", quiet)  # the climb visits 3 or 4 rates
 
     def score(lr: float) -> float:
+        if lr in done:
+            progress.update(problem.steps)
+            return done[lr]
         try:
             history = fit(problem, probe.model_copy(update={"lr": lr}), progress, ranks=ranks)
             tokens[0] += sum(entry["tokens"] for entry in history)
@@ -69,7 +76,10 @@ def choose_lr(problem: Problem, settings, validate: Callable[[], Dict[str, float
         with torch.no_grad():
             for param, value in zip(problem.params, start):
                 param.copy_(value)
-        return mean if math.isfinite(mean) else float("inf")
+        done[lr] = mean if math.isfinite(mean) else float("inf")
+        if record is not None:
+            record(dict(done), tokens[0])
+        return done[lr]
 
     with progress:
         scores = dict(sorted(climb(score).items()))

@@ -151,9 +151,13 @@ CASES = [
      "model nobody-dam-test/no-such-model is "),  # offline or HF_HUB_OFFLINE: the reason differs, the fix does not
     # data
     ("missing data file", with_dataset(lambda tmp: str(tmp / "nope.jsonl")), DamError, "does not exist; fix the path"),
+    ("data path is a folder", with_dataset(lambda tmp: (tmp / "folder").mkdir() or str(tmp / "folder")), DamError,
+     "is a directory, not a file; give one of its"),
     ("empty data file", with_dataset(lambda tmp: write_data(tmp, "")), DamError, "is empty; give it examples or remove it"),
     ("wrong field", with_dataset(lambda tmp: write_data(tmp, '{"title": "x"}\n')), DamError, "(found: title); set `text_field`"),
     ("empty after tokenisation", with_dataset(lambda tmp: write_data(tmp, '{"text": ""}\n')), DamError, "no text after tokenisation"),
+    ("every answer past max_length", with_dataset(lambda tmp: write_data(tmp, '{"prompt": "%s", "response": "4"}\n' % ("x" * 300) * 8)),
+     DamError, "has no answer token to learn from: all 8 of its examples lose their answers (8 cut off by max_length"),
     ("non-UTF-8 text", with_dataset(lambda tmp: write_data(tmp, b"caf\xe9\n", "d.txt", binary=True)), DamError, "is not UTF-8 text (invalid continuation byte); re-encode it as UTF-8"),
     ("non-UTF-8 jsonl", with_dataset(lambda tmp: write_data(tmp, b'{"text": "caf\xe9 au lait"}\n', "d.jsonl", binary=True)), DamError, "is not UTF-8 text"),
     ("non-UTF-8 json", with_dataset(lambda tmp: write_data(tmp, b'[{"text": "na\xefve"}]', "d.json", binary=True)), DamError, "is not UTF-8 text"),

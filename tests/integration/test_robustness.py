@@ -203,31 +203,48 @@ def test_a_run_writes_only_to_its_output_artifact_and_cache_dirs(lab, tmp_path):
     assert "coefficients.safetensors" in cached and "coefficients.report.json" in cached
 
 
+def stop_then_resume(lab, tmp_path, settings: dict, marker: str, number: int, merge: bool = False) -> tuple:
+    """Run `mergekit-dam train` (`merge`: stock `mergekit-yaml`) until stderr shows `marker`,
+    send signal `number`, then run the same command again; checks that the resumed
+    coefficients are an uninterrupted run's. Returns (exit code, stderr after the signal,
+    the rerun's stderr)."""
+    reference = tmp_path / "reference.safetensors"
+    train(lab_config(lab, reference, **settings))
+    artifact = tmp_path / "stopped.safetensors"
+    config = write_config(tmp_path / "dam.yml", lab_config(lab, artifact, **settings))
+    command = ([os.path.join(BIN, "mergekit-yaml"), config, str(tmp_path / "out")] if merge
+               else [os.path.join(BIN, "mergekit-dam"), "train", config])
+    process = subprocess.Popen(command, env=environment(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while marker not in seen and process.poll() is None:
+        seen += process.stderr.readline()
+    assert process.poll() is None, "the run ended before the signal: " + seen[-2000:]
+    process.send_signal(number)
+    rest = process.stderr.read()
+    code = process.wait()
+    assert "Traceback" not in rest and not artifact.exists() and artifact.with_suffix(".ckpt").exists(), rest[-2000:]
+    assert not (tmp_path / "out").exists()
+    resumed = subprocess.run(command, env=environment(tmp_path), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load_file(str(reference)), load_file(str(artifact))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert not artifact.with_suffix(".ckpt").exists()
+    return code, rest, resumed.stderr
+
+
 def test_sigterm_checkpoints_and_the_same_command_resumes(lab, tmp_path):
     """Resume is on by default (checkpoint_minutes): SIGTERM ends the step, writes a
     checkpoint and exits 143; the same command resumes to what an uninterrupted run learns."""
-    settings = {"steps": 80}
-    reference = tmp_path / "reference.safetensors"
-    train(lab_config(lab, reference, **settings))
+    code, rest, resumed = stop_then_resume(lab, tmp_path, {"steps": 80}, "first step took", signal.SIGTERM)
+    assert code == 143 and "stopped after step" in rest, rest[-2000:]
+    assert "resuming from" in resumed
 
-    artifact = tmp_path / "stopped.safetensors"
-    config = write_config(tmp_path / "dam.yml", lab_config(lab, artifact, **settings))
-    command = [os.path.join(BIN, "mergekit-dam"), "train", config]
-    process = subprocess.Popen(command, env=environment(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seen = ""
-    while "first step took" not in seen and process.poll() is None:
-        seen += process.stderr.readline()
-    assert process.poll() is None, "training ended before the signal: " + seen[-2000:]
-    process.send_signal(signal.SIGTERM)
-    rest = process.stderr.read()
-    assert process.wait() == 143, rest[-2000:]
-    assert "stopped after step" in rest and "Traceback" not in rest
-    checkpoint = str(artifact.with_suffix(".ckpt"))
-    assert not artifact.exists() and os.path.exists(checkpoint)
 
-    resumed = subprocess.run(command, env=environment(tmp_path), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stderr
-    a, b = load_file(str(reference)), load_file(str(artifact))
-    assert all(torch.equal(a[name], b[name]) for name in a)
-    assert not os.path.exists(checkpoint)
+def test_ctrl_c_during_the_lr_probe_keeps_its_scores_and_the_same_command_resumes(lab, tmp_path):
+    """SIGINT before the training steps (here in `lr: auto`'s probe of a stock mergekit-yaml
+    run): exit 130 with one message saying what was kept, not mergekit's bare "Aborted!"; the rerun probes only the rates not yet measured and ends
+    where an uninterrupted run does."""
+    code, rest, resumed = stop_then_resume(lab, tmp_path, {"steps": 60, "lr": "auto"}, "DAM lr probe: 8/24", signal.SIGINT, merge=True)
+    assert code == 130 and "dam: SIGINT: stopped; the lr probe's scores of 1 rate are kept in" in rest, rest[-2000:]
+    assert "Aborted!" not in rest and (tmp_path / "out" / "config.json").exists()
+    assert "lr probe: 1 rates already measured" in resumed

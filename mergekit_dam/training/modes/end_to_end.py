@@ -13,8 +13,6 @@ import time
 from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Sequence
 
-from tqdm.auto import tqdm
-
 from mergekit_dam.core import auto
 from mergekit_dam.core.artifact import sidecar
 from mergekit_dam.core.errors import DamError
@@ -35,6 +33,7 @@ from mergekit_dam.training.job import TrainingJob, TrainingReport, TrainingResul
 from mergekit_dam.training.loop import Problem, fit
 from mergekit_dam.training.lr_probe import choose_lr, probe_steps
 from mergekit_dam.training.merged_model import MergedModel
+from mergekit_dam.training.progress import progress_bar
 from mergekit_dam.training.selection import (
     KeepBest,
     evaluation_interval,
@@ -112,9 +111,14 @@ class EndToEnd:
         return loss, batch.mask.sum(), {self.job.rows[i]: kl for i, kl in kls.items()}
 
     def _probe_lr(self) -> float:
+        """`lr: auto`'s probe, continuing from the scores a stopped run kept in the checkpoint."""
         quiet = self.job.quiet or not distributed.is_main()
+        known = self.checkpoints.probe_state = self.checkpoints.probe()
+        if known:
+            LOG.info("dam: lr probe: %d rates already measured (%s)", len(known["scores"]), self.checkpoints.path)
         chosen, self.probe, self.probe_tokens = choose_lr(Problem(list(self.raw.values()), probe_steps(self.steps), self.micro_batch),
-                                                          self.settings, self.kl_on("validation"), ranks=self.ranks, quiet=quiet)
+                                                          self.settings, self.kl_on("validation"), ranks=self.ranks, quiet=quiet,
+                                                          known=known, record=self.checkpoints.save_probe)
         return chosen
 
     def _begin(self, optimizer):
@@ -128,7 +132,7 @@ class EndToEnd:
         """The lr probe (`lr: auto`), then the steps; the history of the steps run here."""
         self.resolved["lr"] = auto.lr(self.settings, self._probe_lr)
         self.settings = self.resolved.settings(self.settings)
-        progress = tqdm(total=self.steps, desc="DAM training", disable=self.job.quiet or not distributed.is_main())
+        progress = progress_bar(self.steps, "DAM training", self.job.quiet or not distributed.is_main())
         history = fit(Problem(list(self.raw.values()), self.steps, self.micro_batch), self.settings, progress, ranks=self.ranks,
                       begin=self._begin, save=self.checkpoints.save, log_eta=True, select=self.select)
         progress.close()
@@ -149,7 +153,7 @@ class EndToEnd:
             held_out_kl={"step_0_linear_average": kl_start, "final": kl_end}, training_kl=kl_fit, loss_curve=_curve(history),
             estimate=self.plan, validation=self.select.report(), lr=settings.lr, lr_probe=self.probe, teacher=settings.teacher,
             packing=self.packed, tokens=sum(entry.get("tokens", 0) for entry in history) + self.probe_tokens,
-            resolved=self.resolved.report(),
+            answers=self.data.answered, resolved=self.resolved.report(),
         )
         self.checkpoints.remove()
         LOG.info("dam: trained in %.1f s; held-out KL per expert, linear average -> DAM (DAM on as many training examples): %s",

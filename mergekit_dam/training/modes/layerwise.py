@@ -31,7 +31,6 @@ from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from mergekit_dam.core import auto
 from mergekit_dam.core.errors import DamError
@@ -42,6 +41,7 @@ from mergekit_dam.training.evaluate import held_out_kl
 from mergekit_dam.training.experts import build_view
 from mergekit_dam.training.job import TrainingJob, TrainingReport, TrainingResult
 from mergekit_dam.training.loop import Problem, fit
+from mergekit_dam.training.progress import progress_bar
 from mergekit_dam.training.teachers import cache_bytes, make_teacher
 
 LOG = logging.getLogger("mergekit_dam")
@@ -90,7 +90,7 @@ def run(job: TrainingJob, key: str, artifact_path: str) -> TrainingResult:
         trainable_coefficients=sum(t.numel() for name, t in run.tables.items() if name in run.view.trained_names),
         held_out_kl={"step_0_linear_average": kl_start, "final": kl_end},
         loss_curve=[{k: entry[k] for k in ("stage", "step", "loss", "kl")} for entry in run.history], lr=settings.lr, teacher=settings.teacher,
-        tokens=sum(entry["tokens"] for entry in run.history), resolved=resolved.report(),
+        tokens=sum(entry["tokens"] for entry in run.history), answers=run.answered, resolved=resolved.report(),
     )
     LOG.info("dam: trained layer-wise in %.1f s; held-out KL per expert, linear average -> DAM: %s", report.seconds,
              {row: f"{kl_start[row]:.4f} -> {kl_end[row]:.4f}" for row in kl_end})
@@ -108,7 +108,7 @@ class LayerwiseRun:
         settings = resolved.settings(job.settings)
         self.job = job = replace(job, settings=settings)
         self.settings, self.device = settings, device
-        self.experts, self.steps = data.experts, data.steps(settings)
+        self.experts, self.steps, self.answered = data.experts, data.steps(settings), data.answered
 
         def chunks(split: str) -> Dict[int, List[Chunk]]:
             return {i: [Chunk(b.sequences, b.ids, b.mask, b.loss_mask) for b in batches] for i, batches in data.chunks(split, self.settings.batch_size).items()}
@@ -121,7 +121,7 @@ class LayerwiseRun:
         skeleton = self.view.skeleton
         head = skeleton.get_output_embeddings()
         self.tied = head is not None and head.weight is skeleton.get_input_embeddings().weight
-        self.progress = tqdm(total=self.steps * (self.layers + 1), desc="DAM layer-wise", disable=job.quiet)
+        self.progress = progress_bar(self.steps * (self.layers + 1), "DAM layer-wise", job.quiet)
         self.tables: Dict[str, torch.Tensor] = {}
         self.history: List[dict] = []
         self.linear_embed: Dict[str, torch.Tensor] = {}
