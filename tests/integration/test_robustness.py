@@ -26,6 +26,17 @@ def environment(tmp_path):
     return {**os.environ, "MERGEKIT_DAM_CACHE": str(tmp_path / "cache"), "PYTHONWARNINGS": "ignore"}
 
 
+def has_training_state(checkpoint: str) -> bool:
+    """The checkpoint exists and holds a training step (not only the lr probe's scores)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(checkpoint, "pt") as handle:
+            return "step" in (handle.metadata() or {})
+    except Exception:  # not there yet
+        return False
+
+
 def test_sigkill_during_training_resumes_to_the_same_coefficients(lab, tmp_path):
     settings = {"steps": 120, "checkpoint_every": 10}
     reference = tmp_path / "reference.safetensors"
@@ -37,7 +48,7 @@ def test_sigkill_during_training_resumes_to_the_same_coefficients(lab, tmp_path)
     process = subprocess.Popen(command, env=environment(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoint = str(artifact.with_suffix(".ckpt"))
     deadline = time.time() + 120
-    while not os.path.exists(checkpoint) and process.poll() is None and time.time() < deadline:
+    while not has_training_state(checkpoint) and process.poll() is None and time.time() < deadline:  # past the lr probe
         time.sleep(0.01)
     time.sleep(0.3)  # a few more steps past the checkpoint
     assert process.poll() is None, "training ended before it could be killed: " + process.stderr.read().decode()[-2000:]
