@@ -40,7 +40,7 @@ Compute is counted in forward-token equivalents, the same way for both:
 - evolution: each fitness evaluation forwards its calibration tokens once (x1); a run's compute
   is the number of evaluations times that (merging is weight arithmetic, no tokens: it shows in
   the wall time);
-- DAM: dam_compute(report) below (forward + backward of the merged model, x3, plus the
+- DAM: helpers.dam_compute(report) (forward + backward of the merged model, x3, plus the
   teachers' forwards, x1).
 Budgets are multiples of DAM's compute (`--budget-multiples`). At each one the best genotype
 found within it is merged to disk by mergekit's run_merge (`OUT/<method>/<k>x/`, with its config
@@ -68,42 +68,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import yaml
+from helpers import dam_compute
 
 from mergekit_dam.tools.compare import Scorer
 
 METHODS = ("task_arithmetic", "ties", "linear")
 FITNESS = ("both", "accuracy", "nll")
 SIGMA0 = 1 / 6  # mergekit-evolve's default
-
-
-# --- compute ----------------------------------------------------------------------------
-
-
-def dam_compute(report: dict) -> float:
-    """DAM's training compute in forward-token equivalents, from its `<artifact>.report.json`:
-
-        compute = 3 * T  +  sum_i T_i  =  4 * T
-
-    T = report["tokens"], the real tokens through the merged model in training (every expert's
-    rows of every micro-batch, the `lr: auto` probe included). The merged model runs forward
-    and backward on them: x3 (backward ~ 2 forwards). Expert i's teacher forwards only expert
-    i's own rows (end-to-end mode, `teacher: online`: training/modes/end_to_end.py,
-    micro_batch_loss), so the teachers' forwards sum to T_1 + ... + T_N = T, x1 each, whatever
-    the number N of experts with data (every row has exactly one teacher). N enters only as a
-    check: a report without any expert with data trained nothing. With `teacher: topk` the
-    teachers forward the training split once before training, so 4T is an upper bound. Not counted (on the lab about 4%, all forward-only): the
-    validation KL every `eval_every` steps and after each probe rate, and the held-out KL at
-    step 0 and at the end (the evolution's counterpart, its fitness, is counted in full).
-    """
-    if report.get("tokens") is None:
-        raise ValueError("the DAM report has no `tokens` (a report from before they were recorded): "
-                         "retrain, or pass --dam-compute")
-    experts = len(report.get("held_out_kl", {}).get("final", {}))  # the rows trained against a teacher
-    if experts < 1:
-        raise ValueError("the DAM report names no expert with data")
-    merged = 3 * float(report["tokens"])  # forward + backward
-    teachers = float(report["tokens"])  # sum over the experts of their own rows, forward only
-    return merged + teachers
 
 
 # --- fitness: the calibration data ------------------------------------------------------

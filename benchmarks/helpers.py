@@ -18,6 +18,33 @@ GEOMETRIES = {
 }
 
 
+def dam_compute(report: dict) -> float:
+    """DAM's training compute in forward-token equivalents, from its `<artifact>.report.json`:
+
+        compute = 3 * T  +  sum_i T_i  =  4 * T
+
+    T = report["tokens"], the real tokens through the merged model in training (every expert's
+    rows of every micro-batch, the `lr: auto` probe included). The merged model runs forward
+    and backward on them: x3 (backward ~ 2 forwards). Expert i's teacher forwards only expert
+    i's own rows (end-to-end mode, `teacher: online`: training/modes/end_to_end.py,
+    micro_batch_loss), so the teachers' forwards sum to T_1 + ... + T_N = T, x1 each, whatever
+    the number N of experts with data (every row has exactly one teacher). N enters only as a
+    check: a report without any expert with data trained nothing. With `teacher: topk` the
+    teachers forward the training split once before training, so 4T is an upper bound. Not counted (on the lab about 4%, all forward-only): the
+    validation KL every `eval_every` steps and after each probe rate, and the held-out KL at
+    step 0 and at the end (the evolution's counterpart, its fitness, is counted in full).
+    """
+    if report.get("tokens") is None:
+        raise ValueError("the DAM report has no `tokens` (a report from before they were recorded): "
+                         "retrain, or pass --dam-compute")
+    experts = len(report.get("held_out_kl", {}).get("final", {}))  # the rows trained against a teacher
+    if experts < 1:
+        raise ValueError("the DAM report names no expert with data")
+    merged = 3 * float(report["tokens"])  # forward + backward
+    teachers = float(report["tokens"])  # sum over the experts of their own rows, forward only
+    return merged + teachers
+
+
 def read_report(artifact: str) -> dict:
     """The training report written beside `artifact`."""
     with open(sidecar(artifact, "report"), encoding="utf-8") as handle:

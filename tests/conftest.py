@@ -160,3 +160,22 @@ def update_agreement(a, b):
     da = torch.cat([(a[n] - 1 / N).flatten() for n in sorted(a)]).double()
     db = torch.cat([(b[n] - 1 / N).flatten() for n in sorted(a)]).double()
     return float((db - da).norm() / da.norm()), float(torch.nn.functional.cosine_similarity(da, db, dim=0))
+
+
+BENCHMARKS = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
+
+
+def benchmark_script(name: str):
+    """benchmarks/<name>.py as a module, importing its helpers module from beside it (as when
+    run as a script)."""
+    import importlib.util
+
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        spec = importlib.util.spec_from_file_location(f"{name}_benchmark", os.path.join(BENCHMARKS, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # a dataclass looks its module up
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(BENCHMARKS)

@@ -2,31 +2,24 @@
 genome to a valid mergekit config, CMA-ES over it for two generations, the merged models
 written and scored, and compute counted as the sum of the evaluations' tokens."""
 
-import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import yaml
-from conftest import SMALL_LAB, read_checkpoint
+from conftest import SMALL_LAB, benchmark_script, read_checkpoint
 
 from mergekit_dam.lab import Recipe, build
 from mergekit_dam.tools.compare import Scorer
 
 pytest.importorskip("cma")
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "benchmarks", "evolution.py")
 
 
 @pytest.fixture(scope="module")
 def evolution():
-    spec = importlib.util.spec_from_file_location("evolution_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("evolution")
 
 
 @pytest.fixture(scope="module")

@@ -4,27 +4,15 @@ real-model benchmark writes, checked against configs written out by hand, the da
 lab_variants' `--calibration` writes, and the packed micro-batch of the packing check, against
 its definition."""
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
+from conftest import benchmark_script
 
 from mergekit_dam.lab.skills import split_of
 
-HERE = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "benchmarks")
-
-
-def _script(name):
-    sys.path.insert(0, HERE)  # the scripts import their helpers module from beside them, as when run as scripts
-    try:
-        spec = importlib.util.spec_from_file_location(f"{name}_benchmark", os.path.join(HERE, f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(HERE)
+_script = benchmark_script
 
 
 @pytest.fixture(scope="module")
