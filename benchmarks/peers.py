@@ -508,8 +508,12 @@ def compare(setup: Setup, models: Dict[str, str], results: Dict[str, dict], out:
 
 
 def table(setup: Setup, scores: dict, results: Dict[str, dict]) -> str:
+    """Per model: each skill's exact match and answer NLL, their means, NLL retention (the share of
+    each expert's NLL gain over the base kept), general NLL with its retention (the base's NLL
+    over the model's: 1.0 = the base's own), compute and wall time."""
     skills = list(setup.held_out)
-    head = "| model | " + " | ".join(f"{s} EM / NLL" for s in skills) + " | mean EM | NLL retention | general NLL | compute (fwd tokens) | wall s |"
+    base_general = scores.get("base", {}).get("general_nll")
+    head = "| model | " + " | ".join(f"{s} EM / NLL" for s in skills) + " | mean EM | NLL retention | general NLL (retention) | compute (fwd tokens) | wall s |"
     lines = [head, "|" + "---|" * (len(skills) + 6)]
     for name, entry in scores.items():
         cells = [f"{entry[s]['accuracy']:.2f} / {entry[s]['nll']:.3f}" for s in skills]
@@ -519,7 +523,8 @@ def table(setup: Setup, scores: dict, results: Dict[str, dict]) -> str:
         result = results.get(name, {})
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean:.2f} | "
                      + (f"{sum(nll_retention) / len(nll_retention):.2f}" if nll_retention else "") + " | "
-                     + (f"{entry['general_nll']:.3f}" if "general_nll" in entry else "") + " | "
+                     + (f"{entry['general_nll']:.3f}" + (f" ({base_general / entry['general_nll']:.2f})" if base_general else "")
+                        if "general_nll" in entry else "") + " | "
                      + (f"{result['compute']:.3g}" if "compute" in result else "") + " | "
                      + (f"{result['seconds']:.0f}" if "seconds" in result else "") + " |")
     return "\n".join(lines) + "\n"

