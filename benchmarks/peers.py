@@ -39,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -515,6 +516,7 @@ def table(setup: Setup, scores: dict, results: Dict[str, dict]) -> str:
     base_general = scores.get("base", {}).get("general_nll")
     head = "| model | " + " | ".join(f"{s} EM / NLL" for s in skills) + " | mean EM | NLL retention | general NLL (retention) | compute (fwd tokens) | wall s |"
     lines = [head, "|" + "---|" * (len(skills) + 6)]
+    lines += [f"| {name} | failed: {result['error']} |" for name, result in results.items() if "error" in result]
     for name, entry in scores.items():
         cells = [f"{entry[s]['accuracy']:.2f} / {entry[s]['nll']:.3f}" for s in skills]
         mean = sum(entry[s]["accuracy"] for s in skills) / len(skills)
@@ -544,6 +546,7 @@ def parse_args(argv=None):
     parser.add_argument("--exclude-embeddings", action="store_true", help="WUDI and Iso-CTS leave the embedding and head averaged "
                         "(their vocabulary-squared matrices do not fit a CPU machine's memory at a real vocabulary)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--strict", action="store_true", help="stop at the first method that fails (default: record it, go on)")
     args = parser.parse_args(argv)
     unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:
@@ -567,8 +570,16 @@ def main(argv=None) -> dict:
         if not os.path.exists(os.path.join(out, "config.json")):
             shutil.rmtree(out + ".work", ignore_errors=True)
             started = time.perf_counter()
-            results[name] = {**METHODS[name](setup, examples, args, out), "seconds": time.perf_counter() - started}
-            print(f"{name}: {results[name]['seconds']:.1f} s, {results[name]['compute']:.3g} forward-token equivalents", flush=True)
+            try:
+                results[name] = {**METHODS[name](setup, examples, args, out), "seconds": time.perf_counter() - started}
+            except Exception as error:  # noqa: BLE001 -- one method's failure is a result; the others still run
+                if args.strict:
+                    raise
+                traceback.print_exc()
+                results[name] = {"error": f"{type(error).__name__}: {error}"[:500], "seconds": time.perf_counter() - started}
+                print(f"{name}: failed after {results[name]['seconds']:.1f} s: {results[name]['error']}", flush=True)
+            else:
+                print(f"{name}: {results[name]['seconds']:.1f} s, {results[name]['compute']:.3g} forward-token equivalents", flush=True)
             write(results_path, {"setup": asdict(setup), "methods": results})
     models.update({name: os.path.join(args.work, name) for name in results if os.path.exists(os.path.join(args.work, name, "config.json"))})
     scores = compare(setup, models, results, os.path.join(args.work, "compare"))

@@ -26,7 +26,7 @@ def peers():
 def run(peers, lab, tmp_path_factory):
     work = tmp_path_factory.mktemp("peers")
     lab_dir = os.path.dirname(lab["base"])
-    summary = peers.main(["--lab", lab_dir, "--work", str(work), "--methods", "regmean,tsvm,task_arithmetic_tuned,adamerging",
+    summary = peers.main(["--lab", lab_dir, "--work", str(work), "--strict", "--methods", "regmean,tsvm,task_arithmetic_tuned,adamerging",
                           "--budget-minutes", "0.001", "--adamerging-steps", "50"])
     return summary, work, peers.Setup.from_lab(lab_dir)
 
@@ -101,3 +101,19 @@ def write_setup(setup, work) -> str:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(asdict(setup), handle)
     return path
+
+
+def test_a_method_that_fails_is_a_result_and_the_others_still_run(run, peers, monkeypatch, tmp_path):
+    summary, work, setup = run
+
+    def broken(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setitem(peers.METHODS, "iso_c", broken)
+    again = peers.main(["--setup", write_setup(setup, tmp_path), "--work", str(work), "--methods", "iso_c,tsvm"])
+    assert again["methods"]["iso_c"]["error"] == "RuntimeError: out of memory"
+    assert "iso_c" not in again["scores"] and "tsvm" in again["scores"]
+    with open(os.path.join(work, "results.md"), encoding="utf-8") as handle:
+        assert "| iso_c | failed: RuntimeError: out of memory |" in handle.read()
+    with pytest.raises(RuntimeError):
+        peers.main(["--setup", write_setup(setup, tmp_path), "--work", str(work), "--methods", "iso_c", "--strict"])
