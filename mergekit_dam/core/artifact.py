@@ -6,6 +6,10 @@ string metadata:
     format  = "mergekit-dam/1"
     models  = JSON list of input model references, in row order, as written in the config
     ...     = provenance (versions, settings, training summary), all JSON strings.
+Format "mergekit-dam/2" (`granularity: row_column`) adds, for matrices that learn row
+factors, a tensor `<name>:rows` [N, W.shape[0]], and `rows_complement`: the model whose
+coefficient is 1 − Σ rᵢ ⊗ cᵢ (task vectors; JSON null for weights). Readers of /1 refuse /2
+files, so a row-column artifact is never applied as columns only.
 Written atomically (temp file + rename); read tensor by tensor through safetensors'
 memory map, so a 70B merge never loads the whole file.
 """
@@ -23,6 +27,8 @@ from mergekit_dam.core.atomic import atomic_write
 from mergekit_dam.core.errors import DamError
 
 FORMAT = "mergekit-dam/1"
+FORMAT_ROWS = "mergekit-dam/2"  # with row factors
+ROWS = ":rows"  # `<tensor name>:rows`: that tensor's row factors [N, out]
 
 # The files training writes beside an artifact, each named by one rule: the artifact's name
 # with its extension replaced (`coefficients.safetensors` -> `coefficients.report.json`).
@@ -55,15 +61,23 @@ def write_artifact(
     coefficients: Mapping[str, torch.Tensor],
     models: Sequence[str],
     provenance: Optional[Mapping[str, Any]] = None,
+    rows_complement: Optional[str] = None,
 ) -> None:
-    """Write atomically: a reader sees either no file, the old file or the complete new one."""
+    """Write atomically: a reader sees either no file, the old file or the complete new one.
+    Coefficients named `<tensor>:rows` make it a /2 file; `rows_complement` names the model
+    whose row-column coefficient is the complement (task vectors)."""
     rows = len(models)
     tensors = {}
     for name, value in coefficients.items():
         if value.ndim != 2 or value.shape[0] != rows:
             raise ValueError(f"coefficients for {name} must have shape [{rows}, D]; got {list(value.shape)}")
         tensors[name] = value.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    metadata = {"format": FORMAT, "models": json.dumps(list(models)), "versions": json.dumps(versions())}
+    has_rows = any(name.endswith(ROWS) for name in tensors)
+    metadata = {"format": FORMAT_ROWS if has_rows else FORMAT, "models": json.dumps(list(models)), "versions": json.dumps(versions())}
+    if has_rows:
+        if rows_complement is not None and rows_complement not in models:
+            raise ValueError(f"rows_complement {rows_complement} is not among the models")
+        metadata["rows_complement"] = json.dumps(rows_complement)
     for key, value in (provenance or {}).items():
         metadata[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
@@ -97,10 +111,10 @@ class Artifact:
                 f"dam: coefficients file {path} is not a readable safetensors file ({error}); "
                 "delete it to retrain, or point `coefficients` at a mergekit-dam artifact"
             ) from None
-        if self.metadata.get("format") != FORMAT:
+        if self.metadata.get("format") not in (FORMAT, FORMAT_ROWS):
             raise DamError(
                 f"dam: {path} is not a mergekit-dam artifact (format {self.metadata.get('format')!r}, "
-                f"expected {FORMAT!r}); point `coefficients` at another path"
+                f"expected {FORMAT!r} or {FORMAT_ROWS!r}); point `coefficients` at another path"
             )
         try:
             self.models: List[str] = json.loads(self.metadata["models"])
@@ -124,6 +138,14 @@ class Artifact:
             return None if value is None else json.loads(value)
         except ValueError:
             return value
+
+    def rows(self, name: str) -> Optional[torch.Tensor]:
+        """Tensor `name`'s row factors [N, out] (format /2), or None: columns only."""
+        return self.get(name + ROWS) if name + ROWS in self.shapes else None
+
+    def rows_complement(self) -> Optional[str]:
+        """The model whose row-column coefficient is 1 − Σ rᵢ ⊗ cᵢ (task vectors), or None."""
+        return self.provenance("rows_complement")
 
     def get(self, name: str, device: Optional[torch.device] = None) -> torch.Tensor:
         from safetensors import safe_open
@@ -160,6 +182,14 @@ class Artifact:
                 )
             if not torch.isfinite(self.get(spec.name)).all():
                 raise DamError(f"dam: {self.path} coefficients for {spec.name} contain NaN or Inf; retrain")
+            rows = self.rows(spec.name)
+            if rows is not None and (len(spec.shape) != 2 or tuple(rows.shape) != (len(self.models), spec.shape[0])):
+                raise DamError(
+                    f"dam: {self.path} row factors for {spec.name} have shape {list(rows.shape)}, "
+                    f"expected {[len(self.models), *spec.shape[:1]]} for this merge; retrain or fix the path"
+                )
+            if rows is not None and not torch.isfinite(rows).all():
+                raise DamError(f"dam: {self.path} row factors for {spec.name} contain NaN or Inf; retrain")
 
 
 _OPEN: Dict[Tuple[str, int, int, int], Artifact] = {}

@@ -84,6 +84,29 @@ def combine(weights: Sequence[torch.Tensor], coefficients: torch.Tensor) -> torc
     return result
 
 
+def combine_rows(weights: Sequence[torch.Tensor], columns: torch.Tensor, rows: torch.Tensor,
+                 complement: Optional[int] = None) -> torch.Tensor:
+    """The row x column merge of [out, in] matrices (`granularity: row_column`):
+    sum_i (rows[i] ⊗ columns[i]) ⊙ W_i, or with `complement` k (task vectors, where the base's
+    coefficient 1 - sum_i rows[i] ⊗ columns[i] is not a product of a row and a column)
+    W_k + sum_{i != k} (rows[i] ⊗ columns[i]) ⊙ (W_i - W_k). `columns` is [N, in], `rows`
+    [N, out] (row k of each is not read with a complement); float32 accumulation (float64 for
+    float64 inputs), differentiable in `columns` and `rows` by autograd (no fused kernel)."""
+    first = weights[0]
+    accumulate = torch.float64 if first.dtype == torch.float64 else torch.float32
+    columns, rows = columns.to(device=first.device, dtype=accumulate), rows.to(device=first.device, dtype=accumulate)
+    if not (len(weights) == columns.shape[0] == rows.shape[0]):
+        raise ValueError(f"{len(weights)} tensors but {columns.shape[0]} column rows and {rows.shape[0]} row rows")
+    anchor = weights[complement].to(accumulate) if complement is not None else None
+    result = anchor.clone() if anchor is not None else torch.zeros(first.shape, dtype=accumulate, device=first.device)
+    for index, weight in enumerate(weights):
+        if index == complement:
+            continue
+        part = weight.to(accumulate) if anchor is None else weight.to(accumulate) - anchor
+        result = result + rows[index][:, None] * part * columns[index][None, :]
+    return result
+
+
 def merge_stack(coefficients: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """combine() over a stacked [N, ...] tensor, returned in the experts' dtype."""
     fused = fused_for(experts)

@@ -117,10 +117,15 @@ class DamSettings(BaseModel):
     entropy_weight: float = Field(0.0, ge=0, description="weight of the entropy of the merged model's predictions")
     mse_weight: float = Field(0.0, ge=0, description=(
         "weight of the mean squared error between merged and expert logits (not with `teacher: topk`)"))
-    granularity: Literal["column", "tensor", "layer"] = Field("column", description=(
+    granularity: Literal["column", "tensor", "layer", "row_column"] = Field("column", description=(
         "what one coefficient covers: `column` (one per input column of each tensor, the paper's DAM), `tensor` (one "
         "per model per tensor) or `layer` (one per model per decoder layer, AdaMerging-style; the embedding and the "
-        "head are one group each): fewer parameters for small data. The artifact stays [N, D] (broadcast values)"))
+        "head are one group each): fewer parameters for small data. The artifact stays [N, D] (broadcast values). "
+        "`row_column` (beyond the paper): each decoder-layer matrix also learns one factor per output row, "
+        "merged W = Σ (rᵢ ⊗ cᵢ) ⊙ Wᵢ (W_base + Σ (rᵢ ⊗ cᵢ) ⊙ (Wᵢ − W_base) with task vectors), for experts that read "
+        "the same inputs and write different outputs; its artifact also holds the rows (format mergekit-dam/2). Its "
+        "merge runs as plain PyTorch (no fused kernel) and keeps a few copies of each matrix for backward: for models "
+        "well inside the device's memory"))
     parametrization: Literal["auto", "weights", "task_vectors"] = Field("auto", description=(
         "`weights`: merged W = Σ cᵢ ⊙ Wᵢ (the paper's DAM); `task_vectors`: merged W = W_base + Σ cᵢ ⊙ (Wᵢ − W_base), "
         "the base's row being 1 − Σ cᵢ, so that coefficients trade experts against the base rather than rescale a "

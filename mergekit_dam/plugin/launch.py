@@ -148,7 +148,7 @@ def train_in_process(context: MergeContext, dam, inventory: Inventory, data, key
         "loss": final,
         "held_out_kl": report.held_out_kl,
         "device": report.device,
-    })
+    }, rows_complement=str(inventory.base) if dam.settings.parametrization == "task_vectors" else None)
     report_path = sidecar(path, "report")
     atomic_write_text(report_path, json.dumps(report.to_dict(), indent=1))
     LOG.info("dam: wrote %s and %s", path, report_path)

@@ -26,7 +26,7 @@ from mergekit.merge_methods.base import (
 from mergekit_dam.core import auto
 from mergekit_dam.core.artifact import open_artifact
 from mergekit_dam.core.errors import DamError
-from mergekit_dam.core.kernels import combine
+from mergekit_dam.core.kernels import combine, combine_rows
 from mergekit_dam.core.parametrizations import equal_coefficients
 from mergekit_dam.core.settings import SHARED_NAMES, DamSettings, parameter_fields
 from mergekit_dam.plugin import host
@@ -86,6 +86,9 @@ class DamMerge(GroupMergeMethod):
             coefficients = _artifact_rows(source.artifact_path, group, names)
         by_id = {entry.id: entry.tensor for entry in group.entries}
         weights = [by_id[model] for model in rows]
+        factors = _artifact_row_factors(source.artifact_path, group, names) if source.artifact_path else None
+        if factors is not None:  # granularity row_column
+            return combine_rows(weights, coefficients, *factors).to(weights[0].dtype)
         if coefficients.shape[1] == 1 and weights[0].ndim > 0:
             coefficients = coefficients.expand(len(rows), weights[0].shape[-1])
         return combine(weights, coefficients).to(weights[0].dtype)
@@ -103,3 +106,14 @@ def _artifact_rows(path: str, group: TensorGroup, names: Sequence[str]) -> torch
             f"the tensor has {expected[0]}; retrain or fix the path"
         )
     return coefficients
+
+
+def _artifact_row_factors(path: str, group: TensorGroup, names: Sequence[str]) -> Optional[tuple]:
+    """(row factors [N, out] in the order of `names`, the complement's index or None) of a
+    format-/2 artifact's tensor that has them; None for a columns-only tensor."""
+    artifact = open_artifact(path)
+    rows = artifact.rows(group.metadata.name)
+    if rows is None:
+        return None
+    complement = artifact.rows_complement()
+    return rows[artifact.row_index(names)], (names.index(complement) if complement is not None else None)

@@ -22,7 +22,7 @@ import os
 import re
 from typing import Dict, Optional
 
-from mergekit_dam.core.artifact import open_artifact
+from mergekit_dam.core.artifact import ROWS, open_artifact
 
 LAYER = re.compile(r"^(?P<prefix>.*?\.layers\.)(?P<index>\d+)\.(?P<rest>.+)$")
 
@@ -55,8 +55,11 @@ def distinction(table) -> dict:
 def summarize(path: str) -> dict:
     artifact = open_artifact(path)
     models = artifact.models
-    tensors, layers, distinctions, dominance = {}, {}, {}, {}
-    for name in sorted(artifact.shapes):
+    tensors, layers, distinctions, dominance, row_factors = {}, {}, {}, {}, {}
+    for name in sorted(n for n in artifact.shapes if n.endswith(ROWS)):  # format /2: row factors, per model
+        row_factors[name[: -len(ROWS)]] = {model: {"mean": float(row.mean()), "std": float(row.std()) if row.numel() > 1 else 0.0}
+                                           for model, row in zip(models, artifact.get(name).double())}
+    for name in sorted(n for n in artifact.shapes if not n.endswith(ROWS)):
         table = artifact.get(name).double()
         tensors[name] = {
             model: {"mean": float(row.mean()), "std": float(row.std()) if row.numel() > 1 else 0.0,
@@ -69,7 +72,8 @@ def summarize(path: str) -> dict:
             layers.setdefault(kind, {})[layer] = [float(row.mean()) for row in table]
             dominance.setdefault(kind, {})[layer] = distinctions[name]["dominance"]
     return {"artifact": path, "models": models, "provenance": {k: artifact.provenance(k) for k in artifact.metadata if k not in ("format", "models")},
-            "tensors": tensors, "layers": layers, "distinction": distinctions, "dominance": dominance}
+            "tensors": tensors, "layers": layers, "distinction": distinctions, "dominance": dominance,
+            "format": artifact.metadata["format"], "row_factors": row_factors, "rows_complement": artifact.rows_complement()}
 
 
 def heatmap(summary: dict, path: str, grids: str = "layers", label: str = "mean coefficient",
@@ -143,6 +147,16 @@ def text_summary(summary: dict) -> str:
         shares = [sum(s["dominance"][i] for s in stats) / len(stats) for i in range(len(models))]
         lines.append(f"| {kind} | {sum(s['spread'] for s in stats) / len(stats):.3f} | {correlation} | "
                      + " | ".join(f"{share:.2f}" for share in shares) + " |")
+    if summary.get("row_factors"):
+        complement = summary.get("rows_complement")
+        lines += ["", f"Row factors (granularity row_column) of {len(summary['row_factors'])} matrices, mean per model"
+                  + (f" ({_short(complement)}: the complement, not read)" if complement else "") + ":", "",
+                  "| module | " + " | ".join(_short(m) for m in models) + " |", "|---" * (len(models) + 1) + "|"]
+        kinds: Dict[str, list] = {}
+        for name, rows in summary["row_factors"].items():
+            kinds.setdefault(module_of(name)[1], []).append(rows)
+        for kind, entries in sorted(kinds.items()):
+            lines.append(f"| {kind} | " + " | ".join(f"{sum(e[m]['mean'] for e in entries) / len(entries):.3f}" for m in models) + " |")
     return "\n".join(lines)
 
 

@@ -17,11 +17,19 @@ class Coefficients(torch.nn.Module):
 
     granularity: `column` (one coefficient per input column, the paper's DAM), `tensor`
     (one per tensor, raw [rows, 1]) or `layer` (one per group, shared by its tensors);
-    the coarser tables are broadcast to [N, D], so merging and the artifact are unchanged."""
+    the coarser tables are broadcast to [N, D], so merging and the artifact are unchanged.
+    `row_column`: columns as `column`, plus one factor per output row of each tensor given a
+    height (`row_factors`, `row_tables`; kernels.combine_rows merges them)."""
 
     def __init__(self, widths: Sequence[int], trained: Sequence[bool], parametrization, nonlinearity: str, device,
-                 granularity: str = "column", starts: Optional[Sequence[Optional[torch.Tensor]]] = None):
+                 granularity: str = "column", starts: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                 heights: Optional[Sequence[Optional[int]]] = None):
         super().__init__()
+        # granularity row_column: trained tensors with a height (a decoder-layer matrix's output
+        # rows) also learn one factor per row, starting at 1 (so the start is the column start)
+        self.heights = [h if t and granularity == "row_column" else None for h, t in zip(heights or [None] * len(widths), trained)]
+        self.row_factors = torch.nn.ParameterList([torch.nn.Parameter(torch.ones(parametrization.rows, h, device=device))
+                                            for h in self.heights if h is not None])
         self.function, inverse = NONLINEARITIES[nonlinearity]
         self.parametrization, self.granularity = parametrization, granularity
         self.widths, self.trained = list(widths), list(trained)
@@ -43,7 +51,7 @@ class Coefficients(torch.nn.Module):
             values = torch.full((rows, width), float(self.parametrization.start))
         else:
             values = self.parametrization.values(start.detach().float().cpu())
-        return values if self.granularity == "column" else values.mean(dim=1, keepdim=True)
+        return values if self.granularity in ("column", "row_column") else values.mean(dim=1, keepdim=True)
 
     def effective(self, raw: torch.Tensor) -> torch.Tensor:
         return self.parametrization.table(self.function(raw))
@@ -61,4 +69,19 @@ class Coefficients(torch.nn.Module):
             else:
                 table = self.effective(gather(next(raw)))
             tables.append(table if table.shape[-1] == width else table.expand(-1, width))
+        return tables
+
+    def row_tables(self, gather: Callable = lambda raw: raw) -> List[Optional[torch.Tensor]]:
+        """Every tensor's [N, out] row factors (None without): the trained rows, with a row of
+        ones for the base under task vectors (never read: its coefficient is the complement)."""
+        rows, tables = iter(self.row_factors), []
+        for height in self.heights:
+            if height is None:
+                tables.append(None)
+                continue
+            values = gather(next(rows))
+            base_row = getattr(self.parametrization, "base_row", None)
+            if base_row is not None:
+                values = torch.cat([values[:base_row], torch.ones_like(values[:1]), values[base_row:]])
+            tables.append(values)
         return tables

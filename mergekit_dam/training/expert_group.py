@@ -13,7 +13,8 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from mergekit_dam.core.kernels import ColumnMerge, merge_stack
+from mergekit_dam.core.artifact import ROWS
+from mergekit_dam.core.kernels import ColumnMerge, combine_rows, merge_stack
 from mergekit_dam.training.coefficients import Coefficients
 from mergekit_dam.training.distributed import full
 
@@ -37,7 +38,14 @@ class ExpertGroup(torch.nn.Module):
         if selection is not None:
             return {n: s[selection].clone() if self.copy_experts else s[selection] for n, s in zip(self.names, self.stacks)}, {}
         weights, tables = {}, {}
-        for name, full_name, stack, table in zip(self.names, self.full_names, self.stacks, self.coefficients()):
+        rows = self.coefficients.row_tables()
+        for name, full_name, stack, table, row in zip(self.names, self.full_names, self.stacks, self.coefficients(), rows):
+            if row is not None:  # granularity row_column: autograd through the plain merge (no fused kernel, no rebuild)
+                complement = getattr(self.coefficients.parametrization, "base_row", None)
+                weights[name] = combine_rows(stack, table, row, complement).to(stack.dtype)
+                if table.requires_grad:
+                    tables[full_name] = table
+                continue
             if table.requires_grad:
                 weights[name], tables[full_name] = ColumnMerge.apply(table, stack), table
             else:
@@ -48,9 +56,13 @@ class ExpertGroup(torch.nn.Module):
 
     def tables(self) -> Dict[str, torch.Tensor]:
         """Effective coefficients [N, D] of every tensor by full name, whole (gathered
-        from the ranks when sharded), detached, float32, on CPU."""
+        from the ranks when sharded), detached, float32, on CPU; with row factors, those too
+        ([N, out], under the tensor's name + artifact.ROWS)."""
         with torch.no_grad():
-            return {name: table.detach().float().cpu().contiguous() for name, table in zip(self.full_names, self.coefficients(full))}
+            tables = {name: table.detach().float().cpu().contiguous() for name, table in zip(self.full_names, self.coefficients(full))}
+            rows = {name + ROWS: row.detach().float().cpu().contiguous()
+                    for name, row in zip(self.full_names, self.coefficients.row_tables(full)) if row is not None}
+            return {**tables, **rows}
 
 
 class RebuiltWeights:

@@ -57,6 +57,7 @@ class TrainingReport:
     tokens: Optional[int] = None  # real tokens through the merged model in training (forward + backward), the probe's included
     answers: Optional[Dict[str, dict]] = None  # per expert: its examples, and those without an answer token (answers.py)
     resolved: Optional[Dict[str, Any]] = None  # every setting that accepts `auto`, as this run used it (core/auto.py)
+    held_back: Optional[Dict[str, float]] = None  # experts their partners hold back: share of the start's KL left on their own examples (conflicts.py)
 
     def to_dict(self) -> dict:
         return {name: value for name, value in asdict(self).items() if value is not None}

@@ -21,6 +21,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
+from mergekit_dam.core.artifact import ROWS
 from mergekit_dam.core.errors import DamError
 from mergekit_dam.core.parametrizations import Weights
 from mergekit_dam.training.coefficients import Coefficients
@@ -149,9 +150,10 @@ class MergedModel(torch.nn.Module):
         stacks = [self._stacks[name] for name in names]
         n = stacks[0].shape[0] if stacks else 1
         device = stacks[0].device if stacks else None
+        heights = [s.shape[1] if key.startswith("layer") and s.ndim == 3 else None for s in stacks]  # decoder matrices' output rows
         coefficients = Coefficients([s.shape[-1] for s in stacks], [name in self.trained_names for name in names],
                                     self._parametrization(n), self._nonlinearity, device, self._granularity,
-                                    [self._starts(name) for name in names] if self._starts else None)
+                                    [self._starts(name) for name in names] if self._starts else None, heights)
         group = ExpertGroup([self.local_names.get(name, name) for name in names], names, stacks, coefficients)
         del stacks
         if self._shard is not None:
@@ -237,10 +239,12 @@ class MergedModel(torch.nn.Module):
             if coefficients.granularity == "layer":
                 result.update({key: coefficients.raw[0]} if len(coefficients.raw) else {})
                 continue
-            raw = iter(coefficients.raw)
-            for name, t in zip(group.full_names, coefficients.trained):
+            raw, rows = iter(coefficients.raw), iter(coefficients.row_factors)
+            for name, t, height in zip(group.full_names, coefficients.trained, coefficients.heights):
                 if t:
                     result[name] = next(raw)
+                if height is not None:
+                    result[name + ROWS] = next(rows)
         return result
 
     def tables(self) -> Dict[str, torch.Tensor]:

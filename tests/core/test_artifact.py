@@ -126,3 +126,23 @@ def test_the_files_beside_an_artifact_share_its_name_without_the_extension():
     assert sidecar("/w/c.safetensors", "checkpoint") == "/w/c.ckpt"
     assert sidecar("/w/c", "validation_chart") == "/w/c.validation.png"
     assert set(SIDECARS) == {"report", "checkpoint", "validation_chart"}
+
+
+def test_row_factors_make_a_format_2_file_that_keeps_its_complement(tmp_path):
+    from mergekit_dam.core.artifact import FORMAT_ROWS, ROWS
+
+    path = tmp_path / "c.safetensors"
+    rows = torch.rand(2, 3)
+    write_artifact(str(path), {**_coefficients(), "w" + ROWS: rows}, MODELS, rows_complement="org/a")
+    artifact = Artifact(str(path))
+    assert artifact.metadata["format"] == FORMAT_ROWS and artifact.rows_complement() == "org/a"
+    torch.testing.assert_close(artifact.rows("w"), rows)
+    assert artifact.rows("norm") is None
+    artifact.check(MODELS, [TensorSpec("w", (3, 4)), TensorSpec("norm", (4,))])
+    with pytest.raises(DamError, match="row factors for w have shape"):
+        Artifact(str(path)).check(MODELS, [TensorSpec("w", (5, 4)), TensorSpec("norm", (4,))])
+    with pytest.raises(ValueError, match="rows_complement"):
+        write_artifact(str(tmp_path / "d.safetensors"), {"w" + ROWS: rows}, MODELS, rows_complement="org/z")
+    # a columns-only artifact stays format 1, whatever rows_complement says
+    write_artifact(str(tmp_path / "e.safetensors"), _coefficients(), MODELS, rows_complement="org/a")
+    assert Artifact(str(tmp_path / "e.safetensors")).metadata["format"] == FORMAT

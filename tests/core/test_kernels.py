@@ -146,3 +146,34 @@ def test_a_fused_kernel_that_fails_falls_back_to_the_plain_path_once(monkeypatch
     torch.testing.assert_close(merged, (coefficients[:, None, :] * experts).sum(0))
     assert caplog.text.count("the fused Triton kernels failed on this GPU (RuntimeError: PTX .version 9.9") == 1
     assert not kernels._FUSED["enabled"]
+
+
+def test_combine_rows_is_the_row_column_merge_in_both_forms():
+    """Σ (rᵢ ⊗ cᵢ) ⊙ Wᵢ, and W_k + Σ_{i≠k} (rᵢ ⊗ cᵢ) ⊙ (Wᵢ − W_k), written out element by element."""
+    from mergekit_dam.core.kernels import combine_rows
+
+    generator = torch.Generator().manual_seed(1)
+    weights = [torch.randn(4, 6, generator=generator) for _ in range(3)]
+    columns, rows = torch.randn(3, 6, generator=generator), torch.randn(3, 4, generator=generator)
+    plain = torch.zeros(4, 6, dtype=torch.float64)
+    for i in range(3):
+        for o in range(4):
+            for c in range(6):
+                plain[o, c] += float(rows[i, o]) * float(columns[i, c]) * float(weights[i][o, c])
+    torch.testing.assert_close(combine_rows(weights, columns, rows).double(), plain, rtol=1e-5, atol=1e-5)  # float32 accumulation
+    complement = weights[1].double().clone()
+    for i in (0, 2):
+        complement += rows[i].double()[:, None] * columns[i].double()[None, :] * (weights[i].double() - weights[1].double())
+    torch.testing.assert_close(combine_rows(weights, columns, rows, complement=1).double(), complement, rtol=1e-5, atol=1e-5)
+    # with rows of ones it is the column merge (weights form)
+    torch.testing.assert_close(combine_rows(weights, columns, torch.ones(3, 4)), combine(weights, columns))
+
+
+def test_combine_rows_trains_rows_and_columns():
+    from mergekit_dam.core.kernels import combine_rows
+
+    weights = torch.randn(2, 3, 5)
+    columns, rows = torch.rand(2, 5, requires_grad=True), torch.rand(2, 3, requires_grad=True)
+    combine_rows(weights, columns, rows, complement=0).square().sum().backward()
+    assert columns.grad is not None and rows.grad is not None
+    assert torch.all(rows.grad[0] == 0) and torch.all(columns.grad[0] == 0)  # the complement's rows are not read

@@ -137,7 +137,7 @@ class LayerwiseRun:
         chunk) -> (loss, KL or None, the stage's trained tables). One chunk per expert per
         micro-batch, in a (seed, step) order."""
         settings = self.settings
-        params = [p for key in keys for p in self.view.groups[key].coefficients.raw]
+        params = [p for key in keys for p in (*self.view.groups[key].coefficients.raw, *self.view.groups[key].coefficients.row_factors)]
         if not params:
             self.progress.update(self.steps)
             return
