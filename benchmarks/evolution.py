@@ -68,7 +68,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import yaml
-from helpers import dam_compute
+from helpers import dam_compute, teacher_forced_tokens
 
 from mergekit_dam.tools.compare import Scorer
 
@@ -117,8 +117,7 @@ class CalibrationFitness:
         self.tokenizer = tokenizer
         self.records = {skill: [{"prompt": p, "answer": a} for p, a in pairs] for skill, pairs in examples.items()}
         # forward tokens per evaluation: prompt + answer + end-of-sequence token
-        self.tokens = sum(len(tokenizer(p)["input_ids"]) + len(tokenizer(a, add_special_tokens=False)["input_ids"]) + 1
-                          for pairs in examples.values() for p, a in pairs)
+        self.tokens = sum(teacher_forced_tokens(tokenizer, pairs) for pairs in examples.values())
 
     def skill_scores(self, model, records: List[dict]) -> Dict[str, float]:
         return Scorer.of(model, self.tokenizer, next(model.parameters()).device).teacher_forced(records, self.chunk)

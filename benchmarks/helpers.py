@@ -45,6 +45,13 @@ def dam_compute(report: dict) -> float:
     return merged + teachers
 
 
+def teacher_forced_tokens(tokenizer, pairs) -> int:
+    """The forward tokens of one teacher-forced evaluation of (prompt, answer) pairs: prompt +
+    answer + end-of-sequence token each (compare.Scorer.teacher_forced's sequences). The
+    evolution's fitness and the tuned grids' validation are counted with it."""
+    return sum(len(tokenizer(p)["input_ids"]) + len(tokenizer(a, add_special_tokens=False)["input_ids"]) + 1 for p, a in pairs)
+
+
 def read_report(artifact: str) -> dict:
     """The training report written beside `artifact`."""
     with open(sidecar(artifact, "report"), encoding="utf-8") as handle:

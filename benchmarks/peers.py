@@ -33,6 +33,7 @@ rewritten after every method.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -44,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
-from helpers import dam_compute, read_report, variant
+from helpers import dam_compute, read_report, teacher_forced_tokens, variant
 
 from mergekit_dam import DamSettings, ModelSettings
 from mergekit_dam.lab.demo import mergekit_yaml, simple_merge_config
@@ -97,6 +98,14 @@ class Example:
         labels = [t if s else -100 for t, s in zip(self.input_ids, self.scored)]
         return {"input_ids": torch.tensor(self.input_ids + [pad] * extra), "attention_mask": torch.tensor([1] * len(self.input_ids) + [0] * extra),
                 "labels": torch.tensor(labels + [-100] * extra)}
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer_of(base: str):
+    """The base's tokenizer, loaded once (the calibration, the pads and every saved model use it)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base)
 
 
 def calibration_examples(setup: Setup, tokenizer) -> Dict[str, List[Example]]:
@@ -332,12 +341,10 @@ class Peer:
 
 def saved(model, setup: Setup, out: str) -> None:
     """The merged model and the base's tokenizer, written whole or not at all."""
-    from transformers import AutoTokenizer
-
     partial = out + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     model.to("cpu").save_pretrained(partial)
-    AutoTokenizer.from_pretrained(setup.base).save_pretrained(partial)
+    tokenizer_of(setup.base).save_pretrained(partial)
     os.replace(partial, out)
 
 
@@ -396,9 +403,7 @@ def adamerging(setup, examples, args, out):
 
 
 def pad_id(setup: Setup) -> int:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(setup.base)
+    tokenizer = tokenizer_of(setup.base)
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
@@ -447,7 +452,7 @@ def validation_fitness(setup: Setup, model: str) -> tuple:
         result = scorer.teacher_forced(records)
         em.append(result["accuracy"])
         nll.append(result["nll"])
-        tokens += sum(len(scorer.encode(r["prompt"])) + len(scorer.tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) + 1 for r in records)
+        tokens += teacher_forced_tokens(scorer.tokenizer, [(r["prompt"], r["answer"]) for r in records])
     return sum(em) / len(em) - sum(nll) / len(nll), tokens
 
 
@@ -497,15 +502,30 @@ METHODS: Dict[str, Callable] = {"dam": dam, **{name: peer.run for name, peer in 
 
 
 def compare(setup: Setup, models: Dict[str, str], results: Dict[str, dict], out: str) -> dict:
-    """`mergekit-dam compare` on the held-out splits: the same scoring as every other table."""
-    command = [sys.executable, "-m", "mergekit_dam.cli", "compare", *[f"{n}={p}" for n, p in models.items()], "--out", out, "--quiet",
-               "--base", setup.base, *[a for s, p in setup.held_out.items() for a in ("--skill", f"{s}={p}")],
-               *[a for s, p in setup.experts.items() for a in ("--expert", f"{s}={p}")],
-               *(["--general", setup.general] if setup.general else []),
-               *[a for n, r in results.items() if n in models for a in ("--compute", f"{n}={r['compute']}")]]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)  # its table is in ours
-    with open(os.path.join(out, "compare.json"), encoding="utf-8") as handle:
-        return json.load(handle)
+    """`mergekit-dam compare` on the held-out splits: the same scoring as every other table. One
+    run per model, each kept in out/<name>/compare.json, so that an interrupted scoring resumes
+    where it stopped (13 models take over half an hour on two CPU cores); the retention against the
+    base and the experts is then compare's own `add_retention` over them all."""
+    from mergekit_dam.tools.compare import Suite, add_retention, write_outputs
+
+    scores = {}
+    for name, path in models.items():
+        done = os.path.join(out, name, "compare.json")
+        if not os.path.exists(done):
+            compute = results.get(name, {}).get("compute")
+            command = [sys.executable, "-m", "mergekit_dam.cli", "compare", f"{name}={path}", "--out", os.path.join(out, name + ".tmp"),
+                       "--quiet", *[a for s, p in setup.held_out.items() for a in ("--skill", f"{s}={p}")],
+                       *[a for s, p in setup.experts.items() for a in ("--expert", f"{s}={p}")],
+                       *(["--general", setup.general] if setup.general else []),
+                       *(["--compute", f"{name}={compute}"] if compute is not None else [])]
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)  # its table is in ours
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+            os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+        with open(done, encoding="utf-8") as handle:
+            scores[name] = json.load(handle)[name]
+    add_retention(scores, models, Suite(skills=setup.held_out, experts=setup.experts, general=setup.general, base=setup.base))
+    write_outputs(scores, out)
+    return scores
 
 
 def table(setup: Setup, scores: dict, results: Dict[str, dict]) -> str:
@@ -558,9 +578,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     setup = (Setup.from_lab(args.lab) if args.lab else Setup.from_real_model(args.real_model) if args.real_model
              else Setup(**json.load(open(args.setup, encoding="utf-8"))))
-    from transformers import AutoTokenizer
-
-    examples = calibration_examples(setup, AutoTokenizer.from_pretrained(setup.base))
+    examples = calibration_examples(setup, tokenizer_of(setup.base))
     os.makedirs(args.work, exist_ok=True)
     results_path = os.path.join(args.work, "results.json")
     results = json.load(open(results_path, encoding="utf-8"))["methods"] if os.path.exists(results_path) else {}
@@ -569,6 +587,7 @@ def main(argv=None) -> dict:
         out = os.path.join(args.work, name)
         if not os.path.exists(os.path.join(out, "config.json")):
             shutil.rmtree(out + ".work", ignore_errors=True)
+            shutil.rmtree(os.path.join(args.work, "compare", name), ignore_errors=True)  # a new merge's old score
             started = time.perf_counter()
             try:
                 results[name] = {**METHODS[name](setup, examples, args, out), "seconds": time.perf_counter() - started}

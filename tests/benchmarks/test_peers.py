@@ -68,6 +68,9 @@ def test_every_method_is_scored_by_compare_and_tabled_with_its_compute(run):
         assert set(summary["scores"][name]) >= set(setup.held_out)
         assert summary["methods"][name]["seconds"] > 0
     assert summary["methods"]["tsvm"]["compute"] == 0  # data-free
+    for skill in setup.held_out:  # retention over the per-model scores, against the base and the experts
+        assert summary["scores"][f"expert_{skill}"]["retention"][skill]["nll"] == pytest.approx(1.0)
+        assert summary["scores"]["base"]["retention"][skill]["nll"] == pytest.approx(0.0)
     base, tsvm = read_checkpoint(setup.base), read_checkpoint(os.path.join(work, "tsvm"))
     assert any(not torch.equal(base[k], tsvm[k]) for k in base)
     with open(os.path.join(work, "results.md"), encoding="utf-8") as handle:
@@ -89,9 +92,12 @@ def test_the_budget_stops_the_trained_peers(run, peers):
 
 def test_a_second_run_reuses_what_was_merged(run, peers):
     summary, work, setup = run
+    scored = os.path.join(work, "compare", "regmean", "compare.json")
+    scored_at = os.stat(scored).st_mtime_ns
     again = peers.main(["--setup", write_setup(setup, work), "--work", str(work), "--methods", "tsvm"])
     assert again["methods"]["regmean"]["seconds"] == summary["methods"]["regmean"]["seconds"]
-    assert set(again["scores"]) == set(summary["scores"])
+    assert os.stat(scored).st_mtime_ns == scored_at  # each model's score is kept: a stopped scoring resumes
+    assert again["scores"] == summary["scores"]
 
 
 def write_setup(setup, work) -> str:
