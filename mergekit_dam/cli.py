@@ -17,23 +17,34 @@ def _parser() -> argparse.ArgumentParser:
     quiet = argparse.ArgumentParser(add_help=False)
     quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or info logs")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", parents=[quiet], help="build the merge lab, merge its four experts six ways (dam, "
-                               "dam with a retain set, linear, task arithmetic, TIES, DARE-TIES) through mergekit, and compare")
-    demo.add_argument("workdir", nargs="?", default="dam-demo", help="where the lab, configs, artifacts and merges go")
-    train = commands.add_parser("train", parents=[quiet], help="learn the coefficients of a dam config without merging")
+
+    def command(subparsers, name: str, text: str, **kwargs) -> argparse.ArgumentParser:
+        """A subcommand whose one-line `text` is both its line in the list and its own --help."""
+        return subparsers.add_parser(name, help=text, description=text, **kwargs)
+
+    demo = command(commands, "demo", "build (or reuse) the merge lab and merge its four experts six ways through stock "
+                   "mergekit: dam and dam with the lab's general text as retain_dataset (a mergekit-yaml run each), then "
+                   "linear, task arithmetic, TIES and DARE-TIES (one mergekit-multi run); check the dam merges against "
+                   "their coefficients and score every model on held-out data", parents=[quiet])
+    demo.add_argument("workdir", nargs="?", default="dam-demo", help="where the lab, configs, artifacts, merges and the "
+                      "comparison (compare/compare.{md,json,png}) go")
+    train = command(commands, "train", "learn the coefficients of a dam config without merging (under torchrun: sharded "
+                    "over its processes)", parents=[quiet])
     train.add_argument("config", help="mergekit YAML config with merge_method: dam")
     train.add_argument("--out", help="artifact path (overrides the config's `coefficients`)")
     train.add_argument("--trust-remote-code", action="store_true", help="as mergekit's flag")
     train.add_argument("--transformers-cache", help="as mergekit's flag")
     train.add_argument("--lora-merge-cache", help="as mergekit's flag")
-    lab = commands.add_parser("lab", help="the offline merge lab").add_subparsers(dest="lab_command", required=True)
-    lab_build = lab.add_parser("build", parents=[quiet], help="build (or reuse) the tiny lab: base, experts, data")
-    lab_build.add_argument("dir", nargs="?", default="dam-lab")
-    _compare_parser(commands.add_parser("compare", parents=[quiet], help="score models on held-out skill data (and lm-eval "
-                                        "tasks); table, JSON, chart"))
-    inspect = commands.add_parser("inspect", parents=[quiet], help="coefficient statistics and heatmap of an artifact")
-    inspect.add_argument("artifact")
-    inspect.add_argument("--out", help="output dir (default: next to the artifact)")
+    lab = command(commands, "lab", "the offline merge lab").add_subparsers(dest="lab_command", required=True)
+    lab_build = command(lab, "build", "build the tiny lab (reused while its recipe is unchanged): a base, four experts, "
+                        "their calibration, validation and held-out data, lm-eval tasks", parents=[quiet])
+    lab_build.add_argument("dir", nargs="?", default="dam-lab", help="the lab's folder (default: dam-lab)")
+    _compare_parser(command(commands, "compare", "score models on held-out skill data (and lm-eval tasks); table, JSON, "
+                            "chart", parents=[quiet]))
+    inspect = command(commands, "inspect", "an artifact's mean coefficients per model and module type; JSON, layer x "
+                      "model heatmap and dominance chart", parents=[quiet])
+    inspect.add_argument("artifact", help="a coefficient artifact (.safetensors) that DAM wrote")
+    inspect.add_argument("--out", help="output dir (default: the artifact's path without its extension, plus .inspect)")
     return parser
 
 

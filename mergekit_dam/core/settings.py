@@ -8,7 +8,7 @@ Two kinds, both validated here and nowhere else:
 - `ModelSettings`: per input model, set in that model's `parameters:` (its dataset).
 
 Each field's `description` is its documentation: mergekit's ParameterSpec and the
-README's table (settings_table.py) are made from it; the field order is the table's.
+docs/configuration.md's tables (settings_table.py) are made from it; the field order is the table's.
 Settings that accept `auto` are made concrete by `auto.py`, in one place.
 """
 
@@ -32,7 +32,7 @@ class DamSettings(BaseModel):
     """Settings shared by every tensor of one DAM merge (top-level `parameters:`).
 
     Each field's `description` is its documentation: mergekit's ParameterSpec and the
-    README's table (`settings_table`) are made from it; the field order is the table's.
+    docs/configuration.md's tables (`settings_table`) are made from it; the field order is the table's.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -154,7 +154,7 @@ class DamSettings(BaseModel):
     # Where and how training runs (all but `mode` left out of the training key).
     mode: Literal["end_to_end", "layerwise"] = Field("end_to_end", description=(
         "`end_to_end`: the logit KL through the whole merged model; `layerwise`: train one layer at a time on cached "
-        "hidden states, memory about one layer × N experts (README: \"Experts larger than one device\")"))
+        "hidden states, memory about one layer × N experts (docs/gpu-and-scale.md, \"Layer-wise mode\")"))
     train_device: str = Field("auto", description=(
         "`auto` (the first CUDA GPU, else CPU), `cpu`, `cuda` or `cuda:N`; never mergekit's math device"))
     train_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description=(

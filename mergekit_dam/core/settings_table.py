@@ -1,5 +1,5 @@
-"""The README's settings tables, made from the settings' `Field` descriptions (a test
-keeps them equal; `update_readme_tables` rewrites them after a description changes)."""
+"""The settings tables of docs/configuration.md, made from the settings' `Field` descriptions (a
+test keeps them equal; `update_doc_tables` rewrites them after a description changes)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _default_text(value: Any) -> str:
 
 def settings_table(model: type[BaseModel]) -> str:
     """The markdown table of a settings class: one row `| name | default | description |`
-    per field, in field order (README.md's Configuration section shows these)."""
+    per field, in field order (docs/configuration.md's Settings section shows these)."""
     rows = ["| name | default | description |", "|---|---|---|"]
     for name, field in model.model_fields.items():
         description = " ".join(field.description.split()).replace("|", "\\|")
@@ -30,14 +30,16 @@ def settings_table(model: type[BaseModel]) -> str:
     return "\n".join(rows)
 
 
-README_TABLES: Tuple[type[BaseModel], ...] = (ModelSettings, DamSettings)  # their order in README.md
+DOC = "docs/configuration.md"  # the page that holds the tables, from the repository root
+DOC_SECTION = "## Settings"  # the section of DOC that holds them, each table in DOC_TABLES' order
+DOC_TABLES: Tuple[type[BaseModel], ...] = (ModelSettings, DamSettings)
 
 
-def readme_tables(text: str) -> List[Tuple[int, int]]:
-    """(first, last + 1) line numbers of each markdown table in the README's
-    `## Configuration` section."""
+def doc_tables(text: str) -> List[Tuple[int, int]]:
+    """(first, last + 1) line numbers of each markdown table in the `## Settings` section
+    of docs/configuration.md's `text` (up to the next `## ` heading)."""
     lines = text.split("\n")
-    start = lines.index("## Configuration")
+    start = lines.index(DOC_SECTION)
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
     spans: List[Tuple[int, int]] = []
     index = start
@@ -51,15 +53,16 @@ def readme_tables(text: str) -> List[Tuple[int, int]]:
     return spans
 
 
-def update_readme_tables(path: str) -> None:
-    """Rewrite the README's settings tables from the fields (after editing a description)."""
+def update_doc_tables(path: str = DOC) -> None:
+    """Rewrite docs/configuration.md's settings tables from the fields (after editing a
+    description); run from the repository root, or pass the page's path."""
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
-    spans = readme_tables(text)
-    if len(spans) != len(README_TABLES):
-        raise ValueError(f"{path}: expected {len(README_TABLES)} tables under ## Configuration, found {len(spans)}")
+    spans = doc_tables(text)
+    if len(spans) != len(DOC_TABLES):
+        raise ValueError(f"{path}: expected {len(DOC_TABLES)} tables under {DOC_SECTION}, found {len(spans)}")
     lines = text.split("\n")
-    for (first, stop), model in reversed(list(zip(spans, README_TABLES))):
+    for (first, stop), model in reversed(list(zip(spans, DOC_TABLES))):
         lines[first:stop] = settings_table(model).split("\n")
     with open(path, "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines))

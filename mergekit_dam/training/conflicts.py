@@ -4,7 +4,7 @@ On an expert's own training examples the merge is free to fit it: what is left t
 linear start's KL is what its partners did not let the coefficients remove (more data would
 not help; these are the examples it trained on). An expert whose share left stays far above
 its partners' is held back by them, the conflict the lab's letter shift shows (13% left,
-against 1-3% for its three partners, BENCHMARKS.md). The run says so in one line, with what
+against 1-3% for its three partners, in a lab run at the package defaults on 2026-12-03). The run says so in one line, with what
 to try, and the report keeps the shares (`held_back`).
 """
 
