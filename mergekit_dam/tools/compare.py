@@ -244,64 +244,12 @@ def markdown(results: dict) -> str:
 
 
 def chart(results: dict, path: str, highlight: Optional[List[str]] = None) -> str:
-    """Exact-match accuracy and KL to the skill's expert, per skill and model, a third panel
-    with the lm-eval scores when there are any, and both against compute when models have one."""
-    import matplotlib
+    """The comparison as a PNG (charts.compare_chart: one panel per metric with values, the
+    experts and the base as reference marks, one colour per model, and against compute when
+    models have one)."""
+    from mergekit_dam.tools.charts import compare_chart  # charts reads this module's lm-eval labels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = highlight or list(results)
-    skills = [k for k, v in results[names[0]].items() if isinstance(v, dict) and "nll" in v]
-    panels = [(label, skills, lambda name, metric=metric: [results[name][s].get(metric) or 0.0 for s in skills])
-              for metric, label in (("accuracy", "exact-match accuracy (higher is better)"), ("kl", "KL(expert || model) (lower is better)"))]
-    harness = lm_eval_columns(results)
-    if harness:
-        panels.append(("lm-eval scores", [lm_eval_label(task, metric, "\n") for task, metric in harness],
-                       lambda name: [results[name]["lm_eval"][task][metric] for task, metric in harness]))
-    extra = 2 if has_compute({name: results[name] for name in names}) else 0
-    figure, axes = plt.subplots(1, len(panels) + extra, figsize=(6.5 * (len(panels) + extra), 4.8))
-    width = 0.8 / len(names)
-    if extra:
-        compute_panels(results, names, skills, axes[len(panels):])
-    for panel, (label, ticks, values_of) in zip(axes, panels):
-        for index, name in enumerate(names):
-            positions = [i + (index - (len(names) - 1) / 2) * width for i in range(len(ticks))]
-            panel.bar(positions, values_of(name), width, label=name)
-        panel.set_xticks(range(len(ticks)), ticks, fontsize=8)
-        panel.set_title(label)
-        panel.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8, ncol=2)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
-
-
-def compute_panels(results: dict, names: List[str], skills: List[str], axes) -> None:
-    """Mean exact match and mean KL to the experts over the skills against compute (forward-token
-    equivalents, log scale), one point per model that has a compute (colours as in the bar
-    panels); a model that cost 0 (no search) is a dashed horizontal line."""
-    costed = [name for name in names if "compute" in results[name]]
-    for panel, metric, label in zip(axes, ("accuracy", "kl"), ("mean exact match vs compute (higher is better)",
-                                                                  "mean KL(expert || model) vs compute (lower is better)")):
-        for name in costed:
-            values = [results[name][s].get(metric) for s in skills]
-            values = [v for v in values if v is not None]
-            if not values:
-                continue
-            mean, color = sum(values) / len(values), f"C{names.index(name) % 10}"
-            if results[name]["compute"] > 0:
-                panel.scatter([results[name]["compute"]], [mean], color=color, label=name, zorder=3)
-                panel.annotate(name, (results[name]["compute"], mean), fontsize=7, xytext=(4, 4), textcoords="offset points")
-            else:
-                panel.axhline(mean, color=color, linestyle="--", linewidth=1, label=f"{name} (no search)")
-        if any(results[name]["compute"] > 0 for name in costed):
-            panel.set_xscale("log")
-        panel.set_xlabel("compute (forward-token equivalents)")
-        panel.set_title(label)
-        panel.grid(alpha=0.3)
-        panel.legend(fontsize=7)
+    return compare_chart(results, path, highlight)
 
 
 def write_outputs(results: dict, out_dir: str, highlight: Optional[List[str]] = None) -> Dict[str, str]:

@@ -1,0 +1,448 @@
+"""Charts of `compare` results and of `inspect`'s coefficient statistics, readable with many models.
+
+`compare_chart(results, path, highlight)` takes compare.json's dict (as `compare.chart` does) and draws:
+- one bar panel per metric that has values: exact match, KL(expert || model), the lm-eval scores
+  (a compare run without experts has no KL, so no KL panel);
+- with compute (`compare --compute`): mean exact match and mean KL over the skills against compute,
+  log x, a model that cost 0 as a dashed horizontal line, each point or line labelled by name,
+  the labels placed so that none overlaps another or a point.
+Every merged model has one colour (and, past the palette, a hatch), the same in every panel. The
+base and the experts are references, not bars: per skill a black line at the level of that skill's
+own expert and a grey dashed one at the base's. A model is an expert when its name starts with
+`expert_` or `expert:` or its retention is 1.0 on a skill (what compare writes for the skill's own
+expert); its skill is the one with retention 1.0, else the one its name ends with. One legend, for
+all panels, outside the axes.
+
+`distinction_chart(runs, path)` draws what `inspect` says tells the experts apart, one row per
+run: each model's dominance (share of columns where its coefficient is largest) as a heatmap, and
+the spread across models and the correlation of their coefficient rows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from mergekit_dam.tools.compare import lm_eval_columns, lm_eval_label
+
+EXPERT_PREFIXES = ("expert_", "expert:")
+FONT_SIZE = 10
+LABEL_SIZE = 8
+MARKERS = "osD^vP*Xph<>"
+EXPERT_STYLE = dict(color="black", linestyle="-", linewidth=2.2)
+BASE_STYLE = dict(color="0.45", linestyle="--", linewidth=1.6)
+
+
+# ---------------------------------------------------------------------------------------------
+# which model is what
+
+
+def skills_of(results: dict, names: Sequence[str]) -> List[str]:
+    """The scored skills, in the order of the first model's entry."""
+    skills: List[str] = []
+    for name in names:
+        for key, value in results[name].items():
+            if isinstance(value, dict) and "nll" in value and key not in skills:
+                skills.append(key)
+    return skills
+
+
+def model_names(results: dict, highlight: Optional[Sequence[str]] = None) -> List[str]:
+    """The entries that are models (a results file may hold more, e.g. `times`, `settings`)."""
+    names = list(highlight or results)
+    return [n for n in names if isinstance(results.get(n), dict) and any(isinstance(v, dict) and "nll" in v for v in results[n].values())]
+
+
+def _close(value, target: float) -> bool:
+    return isinstance(value, (int, float)) and abs(value - target) < 1e-9
+
+
+def expert_skill(results: dict, name: str, skills: Sequence[str]) -> Tuple[bool, Optional[str]]:
+    """(is it an expert, the skill it is the expert of or None when unknown)."""
+    retention = results[name].get("retention") or {}
+    own = [s for s in skills if isinstance(retention.get(s), dict) and _close(retention[s].get("nll"), 1.0)
+           and (retention[s].get("accuracy") is None or _close(retention[s]["accuracy"], 1.0))]
+    by_name = name.startswith(EXPERT_PREFIXES)
+    if len(own) == 1:
+        return True, own[0]
+    if by_name:
+        suffix = name.split(":", 1)[1] if name.startswith("expert:") else name[len("expert_"):]
+        return True, suffix if suffix in skills else None
+    return False, None
+
+
+def roles(results: dict, names: Sequence[str], skills: Sequence[str]) -> Dict[str, Tuple[str, Optional[str]]]:
+    """{name: ("base", None) | ("expert", skill or None) | ("merge", None)}."""
+    out = {}
+    for name in names:
+        if name == "base":
+            out[name] = ("base", None)
+            continue
+        is_expert, skill = expert_skill(results, name, skills)
+        out[name] = ("expert", skill) if is_expert else ("merge", None)
+    return out
+
+
+def palette(count: int) -> List[Tuple[str, Optional[str], str]]:
+    """`count` distinct (face colour, hatch, hatch colour): tab20's dark half, then its light half
+    hatched in the dark twin's colour (the greys left out: they are the base's), then the same
+    faces again with other hatches."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    colours = [to_hex(c) for c in colormaps["tab20"].colors]
+    darks = [c for i, c in enumerate(colours[0::2]) if i != 7]
+    lights = [c for i, c in enumerate(colours[1::2]) if i != 7]
+    base = [(c, None, c) for c in darks] + [(light, "////", dark) for light, dark in zip(lights, darks)]
+    hatches = ["xx", "..", "\\\\\\\\", "++", "oo"]
+    out = []
+    for index in range(count):
+        round_, slot = divmod(index, len(base))
+        face, hatch, hatch_colour = base[slot]
+        if round_ == 0:
+            out.append((face, hatch, hatch_colour))
+        else:  # past the palette: the same faces with other hatches, white on the dark ones
+            out.append((face, hatches[(round_ - 1) % len(hatches)], hatch_colour if hatch else "white"))
+    return out
+
+
+def model_colours(names: Sequence[str]) -> Dict[str, Tuple[str, Optional[str], str]]:
+    """One distinct (face colour, hatch, hatch colour) per name, in order."""
+    return dict(zip(names, palette(len(names))))
+
+
+# ---------------------------------------------------------------------------------------------
+# the compare chart
+
+
+def _value(results: dict, name: str, skill: str, metric: str):
+    value = results[name].get(skill, {}).get(metric) if isinstance(results[name].get(skill), dict) else None
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _score(results: dict, name: str, task: str, metric: str):
+    value = (results[name].get("lm_eval") or {}).get(task, {}).get(metric)
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _has_values(results: dict, names: Sequence[str], skills: Sequence[str], metric: str) -> bool:
+    return any(_value(results, n, s, metric) is not None for n in names for s in skills)
+
+
+METRICS = {
+    "accuracy": ("exact match", "exact match (higher is better)"),
+    "kl": ("KL to the expert", "KL(expert || model) (lower is better)"),
+    "nll": ("answer NLL", "answer NLL per token (lower is better)"),
+}
+
+
+def build_figure(results: dict, highlight: Optional[List[str]] = None):
+    """The compare chart as a matplotlib Figure (laid out and its labels placed; not saved)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = model_names(results, highlight)
+    if not names:
+        raise ValueError("no model entries to draw")
+    skills = skills_of(results, names)
+    role = roles(results, names, skills)
+    merges = [n for n in names if role[n][0] == "merge"]
+    unmapped = [n for n in names if role[n] == ("expert", None)]
+    colours = model_colours(merges + unmapped)
+    experts = {role[n][1]: n for n in names if role[n][0] == "expert" and role[n][1] is not None}
+    base = next((n for n in names if role[n][0] == "base"), None)
+
+    bar_metrics = [m for m in ("accuracy", "kl") if _has_values(results, names, skills, m)] or ["nll"]
+    with_harness = [n for n in names if results[n].get("lm_eval")]
+    harness = lm_eval_columns({n: results[n] for n in with_harness}) if with_harness else []
+    costed = [n for n in merges if isinstance(results[n].get("compute"), (int, float))]
+    compute_metrics = [m for m in ("accuracy", "kl") if m in bar_metrics and _has_values(results, costed, skills, m)] if costed else []
+
+    bar_panels = len(bar_metrics) + (1 if harness else 0)
+    ticks = max(len(skills), len(harness))
+    bar_width = min(11.0, max(5.0, 1.2 + 0.13 * max(1, len(merges)) * ticks))
+    width = max(bar_panels * bar_width, len(compute_metrics) * 6.5) + 2.6
+    rows = 1 + (1 if compute_metrics else 0)
+    with plt.rc_context({"font.size": FONT_SIZE, "axes.titlesize": FONT_SIZE + 1}):
+        figure = plt.figure(figsize=(width, 4.6 * rows), dpi=120, layout="constrained")
+        parts = figure.subfigures(rows, 1, squeeze=False)[:, 0] if rows > 1 else [figure]
+        bar_axes = list(_axes(parts[0], bar_panels))
+        for axis, metric in zip(bar_axes, bar_metrics):
+            _bars(axis, results, merges, skills, lambda n, s, metric=metric: _value(results, n, s, metric), colours)
+            _skill_references(axis, results, skills, metric, experts, base)
+            axis.set_title(METRICS[metric][1])
+            axis.set_ylabel(METRICS[metric][0])
+        if harness:
+            axis = bar_axes[len(bar_metrics)]
+            columns = {lm_eval_label(task, metric, "\n"): (task, metric) for task, metric in harness}
+            _bars(axis, results, merges, list(columns), lambda n, label: _score(results, n, *columns[label]), colours)
+            _harness_references(axis, results, harness, experts, unmapped, base, colours)
+            axis.set_title("lm-eval scores")
+        for axis, metric in zip(bar_axes, bar_metrics):  # an expert of no known skill: its own mark on every skill
+            for name in unmapped:
+                for index, skill in enumerate(skills):
+                    value = _value(results, name, skill, metric)
+                    if value is not None:
+                        axis.hlines(value, index - 0.42, index + 0.42, color=colours[name][0], linestyle="-.", linewidth=1.8, zorder=4)
+        compute_axes = list(_axes(parts[1], len(compute_metrics))) if compute_metrics else []
+        for axis, metric in zip(compute_axes, compute_metrics):
+            _compute_panel(axis, results, costed, merges, skills, metric, colours, experts, base)
+        handles = _legend_handles(merges, colours, experts, base, unmapped)
+        figure.legend(handles=handles, loc="outside right upper", fontsize=FONT_SIZE - 1, frameon=False,
+                      title="models", title_fontsize=FONT_SIZE)
+        if compute_axes:
+            figure.canvas.draw()  # lay out first: the labels are placed in the final pixel positions
+            figure.set_layout_engine("none")
+            for axis in compute_axes:
+                place_labels(axis, axis._dam_labels)
+    return figure
+
+
+def _axes(part, count: int):
+    axes = part.subplots(1, count, squeeze=False)[0]
+    return axes
+
+
+def _bars(axis, results, merges, ticks, value_of, colours) -> None:
+    count = max(1, len(merges))
+    width = 0.84 / count
+    for index, name in enumerate(merges):
+        face, hatch, hatch_colour = colours[name]
+        positions, heights = [], []
+        for tick_index, tick in enumerate(ticks):
+            value = value_of(name, tick)
+            if value is not None:
+                positions.append(tick_index + (index - (count - 1) / 2) * width)
+                heights.append(value)
+        axis.bar(positions, heights, width, label=name, color=face, hatch=hatch, edgecolor="white" if not hatch else hatch_colour,
+                 linewidth=0.4 if not hatch else 0, zorder=2, **({"hatchcolor": hatch_colour} if hatch else {}))
+        zeros = [p for p, h in zip(positions, heights) if h == 0]
+        if zeros:  # a 0 is a value, not a missing bar: a stub on the axis in the model's colour
+            axis.hlines([0.0] * len(zeros), [p - width * 0.45 for p in zeros], [p + width * 0.45 for p in zeros],
+                        colors=face, linewidth=3, clip_on=False, zorder=3)
+    axis.set_xticks(range(len(ticks)), ticks)
+    axis.set_xlim(-0.5, len(ticks) - 0.5)
+    axis.grid(axis="y", alpha=0.3, zorder=0)
+
+
+def _mark(axis, index: int, value, style: dict) -> None:
+    if value is not None:
+        axis.hlines(value, index - 0.46, index + 0.46, zorder=5, **style)
+
+
+def _skill_references(axis, results, skills, metric, experts, base) -> None:
+    for index, skill in enumerate(skills):
+        expert = experts.get(skill)
+        if expert is not None and metric != "kl":  # KL(expert || expert) is 0 by definition
+            _mark(axis, index, _value(results, expert, skill, metric), EXPERT_STYLE)
+        if base is not None:
+            _mark(axis, index, _value(results, base, skill, metric), BASE_STYLE)
+
+
+def _harness_references(axis, results, harness, experts, unmapped, base, colours) -> None:
+    """An lm-eval task's reference is the expert of the skill its name contains, when one does."""
+    for index, (task, metric) in enumerate(harness):
+        for skill, expert in experts.items():
+            if skill in task:
+                _mark(axis, index, _score(results, expert, task, metric), EXPERT_STYLE)
+        if base is not None:
+            _mark(axis, index, _score(results, base, task, metric), BASE_STYLE)
+        for name in unmapped:
+            _mark(axis, index, _score(results, name, task, metric), dict(color=colours[name][0], linestyle="-.", linewidth=1.8))
+
+
+def _mean(results, name, skills, metric) -> Optional[float]:
+    values = [v for v in (_value(results, name, s, metric) for s in skills) if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _compute_panel(axis, results, costed, merges, skills, metric, colours, experts, base) -> None:
+    labels = []
+    for name in costed:
+        mean = _mean(results, name, skills, metric)
+        if mean is None:
+            continue
+        face = colours[name][0]
+        marker = MARKERS[merges.index(name) % len(MARKERS)]
+        if results[name]["compute"] > 0:
+            axis.scatter([results[name]["compute"]], [mean], color=face, marker=marker, s=46, label=name, zorder=4,
+                         edgecolors="black", linewidths=0.5)
+            labels.append((results[name]["compute"], mean, name, face, "point"))
+        else:
+            axis.axhline(mean, color=face, linestyle="--", linewidth=1.4, label=f"{name} (no search)", zorder=3)
+            labels.append((None, mean, f"{name} (no search)", face, "line"))
+    own = [_value(results, expert, skill, metric) for skill, expert in experts.items()]
+    own = [v for v in own if v is not None]
+    if own and metric != "kl":
+        axis.axhline(sum(own) / len(own), zorder=2, **EXPERT_STYLE)
+    if base is not None and _mean(results, base, skills, metric) is not None:
+        axis.axhline(_mean(results, base, skills, metric), zorder=2, **BASE_STYLE)
+    if any(results[name]["compute"] > 0 for name in costed):
+        axis.set_xscale("log")
+    axis.set_xlabel("compute (forward-token equivalents, log); dashed: compute 0")
+    axis.set_ylabel(f"mean {METRICS[metric][0]} over the skills")
+    axis.set_title(f"mean {METRICS[metric][0]} vs compute ({'higher' if metric == 'accuracy' else 'lower'} is better)")
+    axis.grid(alpha=0.3)
+    if labels:
+        low, high = min(l[1] for l in labels), max(l[1] for l in labels)
+        margin = 0.18 * (high - low or max(abs(high), 1.0))
+        bottom, top = axis.get_ylim()
+        axis.set_ylim(min(bottom, low - margin), max(top, high + margin))
+        points = [l[0] for l in labels if l[0] is not None]
+        if points:
+            left, right = axis.get_xlim()
+            axis.set_xlim(left, right * (max(points) / min(points)) ** 0.15 if axis.get_xscale() == "log" else right)
+    axis._dam_labels = labels
+
+
+def _legend_handles(merges, colours, experts, base, unmapped):
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = []
+    if experts:
+        handles.append(Line2D([], [], label="each skill's own expert", **EXPERT_STYLE))
+    if base is not None:
+        handles.append(Line2D([], [], label="base", **BASE_STYLE))
+    for name in unmapped:
+        handles.append(Line2D([], [], label=name, color=colours[name][0], linestyle="-.", linewidth=1.8))
+    for name in merges:
+        face, hatch, hatch_colour = colours[name]
+        handles.append(Patch(facecolor=face, hatch=hatch, edgecolor=hatch_colour if hatch else face, linewidth=0,
+                             label=name, **({"hatchcolor": hatch_colour} if hatch else {})))
+    return handles
+
+
+def place_labels(axis, items) -> list:
+    """Label points and horizontal lines so that no label overlaps another label or a point and
+    every label stays inside the axes: for each item the first free place of a search outward
+    (right of the point, left of it, then further up and down, with a leader line). `items`:
+    (x or None for a line, y, text, colour, "point" | "line"). Returns the annotations."""
+    from matplotlib.transforms import Bbox
+
+    figure = axis.figure
+    renderer = figure.canvas.get_renderer()
+    frame = axis.get_window_extent(renderer)
+    scale = 72.0 / figure.dpi
+    anchors = []
+    for x, y, text, colour, kind in items:
+        if kind == "point":
+            anchors.append(tuple(axis.transData.transform((x, y))))
+        else:
+            anchors.append((frame.x1, axis.transData.transform((1.0 if axis.get_xscale() == "log" else 0.0, y))[1]))
+    obstacles = {i: Bbox.from_bounds(px - 6, py - 6, 12, 12) for i, ((px, py), item) in enumerate(zip(anchors, items)) if item[4] == "point"}
+    placed: list = []
+    annotations = []
+    order = sorted(range(len(items)), key=lambda i: (items[i][4] != "point", -anchors[i][1], anchors[i][0]))
+    for index in order:
+        x, y, text, colour, kind = items[index]
+        px, py = anchors[index]
+        probe = axis.text(0, 0, text, fontsize=LABEL_SIZE)
+        extent = probe.get_window_extent(renderer)
+        probe.remove()
+        w, h = extent.width + 2, extent.height + 1
+        gap = 7
+        sides = ("right", "left") if kind == "point" else ("left",)
+        candidates = []
+        for step in range(0, 40):
+            for sign in ((0,) if step == 0 else (1, -1)):
+                dy = sign * step * h * 0.55
+                for side in sides:
+                    x0 = px + gap if side == "right" else px - gap - w
+                    candidates.append(Bbox.from_bounds(x0, py + dy - h / 2, w, h))
+        inside = [c for c in candidates if c.x0 >= frame.x0 + 2 and c.x1 <= frame.x1 - 2 and c.y0 >= frame.y0 + 2 and c.y1 <= frame.y1 - 2]
+        free = [c for c in inside if not any(c.overlaps(b) for b in placed)
+                and not any(c.overlaps(b) for i, b in obstacles.items() if i != index)]
+        choice = (free or inside or candidates)[0]
+        placed.append(choice)
+        offset = ((choice.x0 + 1 - px) * scale, (choice.y0 + 0.5 - py) * scale)
+        leader = abs(choice.y0 + h / 2 - py) > h * 0.6
+        xy, coords = ((x, y), "data") if kind == "point" else ((1.0, y), axis.get_yaxis_transform())
+        note = axis.annotate(text, xy=xy, xycoords=coords, xytext=offset, textcoords="offset points", fontsize=LABEL_SIZE,
+                             ha="left", va="bottom", color="black", zorder=6,
+                             bbox=dict(boxstyle="square,pad=0.05", facecolor="white", edgecolor="none", alpha=0.75),
+                             arrowprops=dict(arrowstyle="-", color=colour, linewidth=0.8, shrinkA=0, shrinkB=3) if leader else None)
+        note.set_in_layout(False)
+        annotations.append(note)
+    axis._dam_annotations = annotations
+    return annotations
+
+
+def compare_chart(results: dict, path: str, highlight: Optional[List[str]] = None) -> str:
+    """The compare chart of `results` (compare.json's dict) to `path` (PNG); `highlight`: only
+    these models. A drop-in replacement of compare.chart."""
+    import matplotlib.pyplot as plt
+
+    figure = build_figure(results, highlight)
+    figure.savefig(path, dpi=figure.dpi)
+    plt.close(figure)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect's distinction statistics over runs
+
+
+def distinction_chart(runs: Sequence[Tuple[str, dict]], path: str, title: str, groups: Sequence[int] = ()) -> str:
+    """One row per (label, stats) run, stats as `inspect`'s distinction averaged over tensors
+    ({"spread", "correlation", "dominance": {model: share}}, what benchmarks/lab_variants.py
+    writes): the dominance shares as a heatmap (a model a run did not merge: grey), then the
+    spread and the correlation, each value written in its cell. `groups`: row indices before
+    which a separating line is drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    models: List[str] = []
+    for _, stats in runs:
+        models += [m for m in stats["dominance"] if m not in models]
+    models = [m for m in models if m != "base"] + [m for m in models if m == "base"]
+    shares = np.array([[stats["dominance"].get(m, np.nan) for m in models] for _, stats in runs], dtype=float)
+    spread = np.array([[stats["spread"]] for _, stats in runs], dtype=float)
+    correlation = np.array([[np.nan if stats["correlation"] is None else stats["correlation"]] for _, stats in runs], dtype=float)
+    labels = [label for label, _ in runs]
+    short = [m.removeprefix("expert_").removeprefix("expert:") for m in models]
+    with plt.rc_context({"font.size": FONT_SIZE}):
+        figure, axes = plt.subplots(1, 3, figsize=(2.6 + 1.05 * len(models) + 2.6 + 0.09 * max(len(l) for l in labels), 1.2 + 0.5 * len(runs)),
+                                    dpi=120, layout="constrained", gridspec_kw={"width_ratios": [len(models), 1.1, 1.1]})
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.88")
+        image = axes[0].imshow(np.ma.masked_invalid(shares), aspect="auto", cmap=cmap, vmin=0, vmax=max(0.5, float(np.nanmax(shares))))
+        _write_cells(axes[0], shares, image)
+        axes[0].set_xticks(range(len(models)), short)
+        axes[0].set_yticks(range(len(runs)), labels)
+        axes[0].set_title("dominance: share of columns where\nthe model's coefficient is largest", fontsize=FONT_SIZE)
+        figure.colorbar(image, ax=axes[0], location="bottom", shrink=0.6, pad=0.02, aspect=30)
+        spread_map = matplotlib.colormaps["Greys"]
+        image = axes[1].imshow(spread, aspect="auto", cmap=spread_map, vmin=0, vmax=max(1.5, float(np.nanmax(spread))))
+        _write_cells(axes[1], spread, image)
+        axes[1].set_title("spread\nacross models", fontsize=FONT_SIZE)
+        corr_map = matplotlib.colormaps["coolwarm"].with_extremes(bad="0.88")
+        image = axes[2].imshow(np.ma.masked_invalid(correlation), aspect="auto", cmap=corr_map, vmin=-1, vmax=1)
+        _write_cells(axes[2], correlation, image)
+        axes[2].set_title("correlation of\nmodels' rows", fontsize=FONT_SIZE)
+        for axis in axes[1:]:
+            axis.set_xticks([])
+            axis.set_yticks([])
+        for axis in axes:
+            for row in groups:
+                axis.axhline(row - 0.5, color="white", linewidth=4)
+        figure.suptitle(title, fontsize=FONT_SIZE + 1)
+        figure.savefig(path, dpi=figure.dpi)
+    plt.close(figure)
+    return path
+
+
+def _write_cells(axis, values, image) -> None:
+    import numpy as np
+
+    for (row, column), value in np.ndenumerate(values):
+        if np.isnan(value):
+            axis.text(column, row, "–", ha="center", va="center", fontsize=LABEL_SIZE + 1, color="0.35")
+            continue
+        red, green, blue, _ = image.cmap(image.norm(value))
+        dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.55
+        axis.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=LABEL_SIZE + 1, color="white" if dark else "black")
