@@ -27,9 +27,9 @@ import sys
 from typing import Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # the package, when run from a checkout without an install
 
-from mergekit_dam.tools.charts import FONT_SIZE, LABEL_SIZE, compare_chart, distinction_chart, model_names  # noqa: E402
+from mergekit_dam.tools.charts import FONT_SIZE, LABEL_SIZE, compare_chart, model_names
+from mergekit_dam.tools.coefficient_chart import distinction_chart
 
 RESULTS = os.path.join(HERE, "results")
 HEADLINE = os.path.join(RESULTS, "real_model_smollm2_h200_dam_2026-11-26", "results.json")

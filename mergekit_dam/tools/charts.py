@@ -13,9 +13,7 @@ own expert and a grey dashed one at the base's. A model is an expert when its na
 expert); its skill is the one with retention 1.0, else the one its name ends with. One legend, for
 all panels, outside the axes.
 
-`distinction_chart(runs, path)` draws what `inspect` says tells the experts apart, one row per
-run: each model's dominance (share of columns where its coefficient is largest) as a heatmap, and
-the spread across models and the correlation of their coefficient rows.
+`coefficient_chart.distinction_chart` draws what `inspect` says tells the experts apart.
 """
 
 from __future__ import annotations
@@ -23,11 +21,11 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from mergekit_dam.tools.compare import lm_eval_columns, lm_eval_label
+from mergekit_dam.tools.harness import lm_eval_columns, lm_eval_label
+from mergekit_dam.tools.labels import LABEL_SIZE, place_labels
 
 EXPERT_PREFIXES = ("expert_", "expert:")
 FONT_SIZE = 10
-LABEL_SIZE = 8
 MARKERS = "osD^vP*Xph<>"
 EXPERT_STYLE = dict(color="black", linestyle="-", linewidth=2.2)
 BASE_STYLE = dict(color="0.45", linestyle="--", linewidth=1.6)
@@ -139,10 +137,8 @@ METRICS = {
 def build_figure(results: dict, highlight: Optional[List[str]] = None):
     """The compare chart as a matplotlib Figure (laid out and its labels placed; not saved)."""
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     names = model_names(results, highlight)
     if not names:
         raise ValueError("no model entries to draw")
@@ -315,61 +311,6 @@ def _legend_handles(merges, colours, experts, base, unmapped):
     return handles
 
 
-def place_labels(axis, items) -> list:
-    """Label points and horizontal lines so that no label overlaps another label or a point and
-    every label stays inside the axes: for each item the first free place of a search outward
-    (right of the point, left of it, then further up and down, with a leader line). `items`:
-    (x or None for a line, y, text, colour, "point" | "line"). Returns the annotations."""
-    from matplotlib.transforms import Bbox
-
-    figure = axis.figure
-    renderer = figure.canvas.get_renderer()
-    frame = axis.get_window_extent(renderer)
-    scale = 72.0 / figure.dpi
-    anchors = []
-    for x, y, text, colour, kind in items:
-        if kind == "point":
-            anchors.append(tuple(axis.transData.transform((x, y))))
-        else:
-            anchors.append((frame.x1, axis.transData.transform((1.0 if axis.get_xscale() == "log" else 0.0, y))[1]))
-    obstacles = {i: Bbox.from_bounds(px - 6, py - 6, 12, 12) for i, ((px, py), item) in enumerate(zip(anchors, items)) if item[4] == "point"}
-    placed: list = []
-    annotations = []
-    order = sorted(range(len(items)), key=lambda i: (items[i][4] != "point", -anchors[i][1], anchors[i][0]))
-    for index in order:
-        x, y, text, colour, kind = items[index]
-        px, py = anchors[index]
-        probe = axis.text(0, 0, text, fontsize=LABEL_SIZE)
-        extent = probe.get_window_extent(renderer)
-        probe.remove()
-        w, h = extent.width + 2, extent.height + 1
-        gap = 7
-        sides = ("right", "left") if kind == "point" else ("left",)
-        candidates = []
-        for step in range(0, 40):
-            for sign in ((0,) if step == 0 else (1, -1)):
-                dy = sign * step * h * 0.55
-                for side in sides:
-                    x0 = px + gap if side == "right" else px - gap - w
-                    candidates.append(Bbox.from_bounds(x0, py + dy - h / 2, w, h))
-        inside = [c for c in candidates if c.x0 >= frame.x0 + 2 and c.x1 <= frame.x1 - 2 and c.y0 >= frame.y0 + 2 and c.y1 <= frame.y1 - 2]
-        free = [c for c in inside if not any(c.overlaps(b) for b in placed)
-                and not any(c.overlaps(b) for i, b in obstacles.items() if i != index)]
-        choice = (free or inside or candidates)[0]
-        placed.append(choice)
-        offset = ((choice.x0 + 1 - px) * scale, (choice.y0 + 0.5 - py) * scale)
-        leader = abs(choice.y0 + h / 2 - py) > h * 0.6
-        xy, coords = ((x, y), "data") if kind == "point" else ((1.0, y), axis.get_yaxis_transform())
-        note = axis.annotate(text, xy=xy, xycoords=coords, xytext=offset, textcoords="offset points", fontsize=LABEL_SIZE,
-                             ha="left", va="bottom", color="black", zorder=6,
-                             bbox=dict(boxstyle="square,pad=0.05", facecolor="white", edgecolor="none", alpha=0.75),
-                             arrowprops=dict(arrowstyle="-", color=colour, linewidth=0.8, shrinkA=0, shrinkB=3) if leader else None)
-        note.set_in_layout(False)
-        annotations.append(note)
-    axis._dam_annotations = annotations
-    return annotations
-
-
 def compare_chart(results: dict, path: str, highlight: Optional[List[str]] = None) -> str:
     """The compare chart of `results` (compare.json's dict) to `path` (PNG); `highlight`: only
     these models. A drop-in replacement of compare.chart."""
@@ -382,67 +323,3 @@ def compare_chart(results: dict, path: str, highlight: Optional[List[str]] = Non
 
 
 # ---------------------------------------------------------------------------------------------
-# inspect's distinction statistics over runs
-
-
-def distinction_chart(runs: Sequence[Tuple[str, dict]], path: str, title: str, groups: Sequence[int] = ()) -> str:
-    """One row per (label, stats) run, stats as `inspect`'s distinction averaged over tensors
-    ({"spread", "correlation", "dominance": {model: share}}, what benchmarks/lab_variants.py
-    writes): the dominance shares as a heatmap (a model a run did not merge: grey), then the
-    spread and the correlation, each value written in its cell. `groups`: row indices before
-    which a separating line is drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    models: List[str] = []
-    for _, stats in runs:
-        models += [m for m in stats["dominance"] if m not in models]
-    models = [m for m in models if m != "base"] + [m for m in models if m == "base"]
-    shares = np.array([[stats["dominance"].get(m, np.nan) for m in models] for _, stats in runs], dtype=float)
-    spread = np.array([[stats["spread"]] for _, stats in runs], dtype=float)
-    correlation = np.array([[np.nan if stats["correlation"] is None else stats["correlation"]] for _, stats in runs], dtype=float)
-    labels = [label for label, _ in runs]
-    short = [m.removeprefix("expert_").removeprefix("expert:") for m in models]
-    with plt.rc_context({"font.size": FONT_SIZE}):
-        figure, axes = plt.subplots(1, 3, figsize=(2.6 + 1.05 * len(models) + 2.6 + 0.09 * max(len(l) for l in labels), 1.2 + 0.5 * len(runs)),
-                                    dpi=120, layout="constrained", gridspec_kw={"width_ratios": [len(models), 1.1, 1.1]})
-        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.88")
-        image = axes[0].imshow(np.ma.masked_invalid(shares), aspect="auto", cmap=cmap, vmin=0, vmax=max(0.5, float(np.nanmax(shares))))
-        _write_cells(axes[0], shares, image)
-        axes[0].set_xticks(range(len(models)), short)
-        axes[0].set_yticks(range(len(runs)), labels)
-        axes[0].set_title("dominance: share of columns where\nthe model's coefficient is largest", fontsize=FONT_SIZE)
-        figure.colorbar(image, ax=axes[0], location="bottom", shrink=0.6, pad=0.02, aspect=30)
-        spread_map = matplotlib.colormaps["Greys"]
-        image = axes[1].imshow(spread, aspect="auto", cmap=spread_map, vmin=0, vmax=max(1.5, float(np.nanmax(spread))))
-        _write_cells(axes[1], spread, image)
-        axes[1].set_title("spread\nacross models", fontsize=FONT_SIZE)
-        corr_map = matplotlib.colormaps["coolwarm"].with_extremes(bad="0.88")
-        image = axes[2].imshow(np.ma.masked_invalid(correlation), aspect="auto", cmap=corr_map, vmin=-1, vmax=1)
-        _write_cells(axes[2], correlation, image)
-        axes[2].set_title("correlation of\nmodels' rows", fontsize=FONT_SIZE)
-        for axis in axes[1:]:
-            axis.set_xticks([])
-            axis.set_yticks([])
-        for axis in axes:
-            for row in groups:
-                axis.axhline(row - 0.5, color="white", linewidth=4)
-        figure.suptitle(title, fontsize=FONT_SIZE + 1)
-        figure.savefig(path, dpi=figure.dpi)
-    plt.close(figure)
-    return path
-
-
-def _write_cells(axis, values, image) -> None:
-    import numpy as np
-
-    for (row, column), value in np.ndenumerate(values):
-        if np.isnan(value):
-            axis.text(column, row, "–", ha="center", va="center", fontsize=LABEL_SIZE + 1, color="0.35")
-            continue
-        red, green, blue, _ = image.cmap(image.norm(value))
-        dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.55
-        axis.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=LABEL_SIZE + 1, color="white" if dark else "black")

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from mergekit_dam.tools.harness import lm_eval_columns, lm_eval_label
 from mergekit_dam.training.data import collate
 from mergekit_dam.training.objective import kl_divergence
 
@@ -206,17 +207,6 @@ def add_retention(results: dict, models: Dict[str, str], suite: Suite) -> None:
             entry["retention"][skill] = gains
 
 
-def lm_eval_columns(results: dict) -> List[Tuple[str, str]]:
-    """(task, metric) of every lm-eval score, in the order of the first model's."""
-    first = next(iter(results.values()))
-    return [(task, metric) for task, metrics in first.get("lm_eval", {}).items() for metric in metrics]
-
-
-def lm_eval_label(task: str, metric: str, separator: str = " ") -> str:
-    """The task and the metric, with the filter only when there is one (lm-eval calls no filter `none`)."""
-    return f"{task}{separator}{metric.removesuffix(',none')}"
-
-
 def has_compute(results: dict) -> bool:
     return any("compute" in entry for entry in results.values())
 
@@ -247,7 +237,7 @@ def chart(results: dict, path: str, highlight: Optional[List[str]] = None) -> st
     """The comparison as a PNG (charts.compare_chart: one panel per metric with values, the
     experts and the base as reference marks, one colour per model, and against compute when
     models have one)."""
-    from mergekit_dam.tools.charts import compare_chart  # charts reads this module's lm-eval labels
+    from mergekit_dam.tools.charts import compare_chart  # matplotlib only when a chart is drawn
 
     return compare_chart(results, path, highlight)
 

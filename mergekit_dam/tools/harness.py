@@ -6,7 +6,7 @@ API. lm-eval is the optional extra `eval`; its scores are kept as lm-eval names 
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from mergekit_dam.core.errors import DamError
 
@@ -75,3 +75,14 @@ def evaluate(models: Dict[str, str], tasks: List[str], manager, limit: Optional[
                                        device=device, batch_size=batch_size, limit=limit, log_samples=False)
 
     return {name: headline_scores(run(path)) for name, path in models.items()}
+
+
+def lm_eval_columns(results: dict) -> List[Tuple[str, str]]:
+    """(task, metric) of every lm-eval score, in the order of the first model's."""
+    first = next(iter(results.values()))
+    return [(task, metric) for task, metrics in first.get("lm_eval", {}).items() for metric in metrics]
+
+
+def lm_eval_label(task: str, metric: str, separator: str = " ") -> str:
+    """The task and the metric, with the filter only when there is one (lm-eval calls no filter `none`)."""
+    return f"{task}{separator}{metric.removesuffix(',none')}"

@@ -17,7 +17,8 @@ from matplotlib.collections import LineCollection, PathCollection  # noqa: E402
 from matplotlib.colors import to_rgba  # noqa: E402
 from matplotlib.text import Annotation, Text  # noqa: E402
 
-from mergekit_dam.tools.charts import build_figure, compare_chart, distinction_chart, model_colours, roles  # noqa: E402
+from mergekit_dam.tools.charts import build_figure, compare_chart, model_colours, roles  # noqa: E402
+from mergekit_dam.tools.coefficient_chart import distinction_chart  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)
 SCRIPT = os.path.join(ROOT, "benchmarks", "charts.py")
