@@ -515,6 +515,7 @@ def compare(setup: Setup, models: Dict[str, str], results: Dict[str, dict], out:
         done = os.path.join(out, name, "compare.json")
         if not os.path.exists(done):
             compute = results.get(name, {}).get("compute")
+            shutil.rmtree(os.path.join(out, name + ".tmp"), ignore_errors=True)  # a stopped run's half-written scores
             command = [sys.executable, "-m", "mergekit_dam.cli", "compare", f"{name}={path}", "--out", os.path.join(out, name + ".tmp"),
                        "--quiet", *[a for s, p in setup.held_out.items() for a in ("--skill", f"{s}={p}")],
                        *(["--general", setup.general] if setup.general else []),
