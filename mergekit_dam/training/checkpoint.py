@@ -91,7 +91,7 @@ class Checkpoints:
 
     def probe(self) -> Optional[dict]:
         """What the `lr: auto` probe measured before this run stopped: {"scores": [[rate,
-        validation KL or None (diverged)], ...], "tokens": n}, or None."""
+        validation KL or None (diverged)], ...], "tokens": n, "steps": steps per rate}, or None."""
         from safetensors import SafetensorError, safe_open
 
         if not self.enabled or not os.path.exists(self.path):
@@ -103,10 +103,10 @@ class Checkpoints:
             return None
         return json.loads(metadata["lr_probe"]) if metadata.get("key") == self.key and "lr_probe" in metadata else None
 
-    def save_probe(self, scores: Dict[float, float], tokens: int) -> None:
+    def save_probe(self, scores: Dict[float, float], tokens: int, steps: int) -> None:
         """Keep the probe's scores so far (a checkpoint with no training state yet)."""
         self.probe_state = {"scores": [[rate, score if math.isfinite(score) else None] for rate, score in scores.items()],
-                            "tokens": tokens}
+                            "tokens": tokens, "steps": steps}
         if self.enabled and distributed.is_main():
             try:
                 atomic_save(self.path, {}, {"key": self.key, "lr_probe": json.dumps(self.probe_state)})

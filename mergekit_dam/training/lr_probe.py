@@ -8,12 +8,19 @@ KL has one valley over it, after 3 or 4 rates instead of 5. Coefficients are O(1
 about `lr` per step whatever the model, so one grid serves every model size; what varies
 is how far they may move before the merge gets worse, which the probe measures. The
 choice depends only on the config, the seed and the device, so a resumed run repeats it.
+
+Under `max_minutes` the probe takes at most a quarter of the budget: the first rate trains
+until its share (a quarter of that quarter) is spent, and the others train as many steps as
+it did, so that the rates are compared on equal terms; with room for fewer than MIN_STEPS
+steps the first rate (the grid's middle) is kept without a comparison. How many steps fit
+depends on the machine's speed, like everything a time budget decides.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -24,6 +31,8 @@ from mergekit_dam.training.progress import progress_bar
 LOG = logging.getLogger("mergekit_dam")
 
 CANDIDATES: Sequence[float] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+BUDGET_SHARE = 0.25  # of `max_minutes`, the most the probe may spend
+MIN_STEPS = 3  # fewer steps per rate than this tell the rates apart by noise, not by rate
 
 
 def probe_steps(steps: int) -> int:
@@ -48,27 +57,57 @@ def climb(score: Callable[[float], float], candidates: Sequence[float] = CANDIDA
     return scores
 
 
+class _Allowance:
+    """fit()'s `select` while the first rate trains under a time allowance: the rate stops
+    after the step during which its seconds ran out (fit asks over_budget() before each
+    step and the ranks agree on the answer)."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.clock = seconds, time.perf_counter()
+
+    def over_budget(self) -> bool:
+        return time.perf_counter() - self.clock >= self.seconds
+
+    def after_step(self, step: int, spent: bool) -> bool:
+        return spent
+
+    def finish(self) -> None:
+        pass
+
+
+class _NoRoom(Exception):
+    """The first rate's share of the budget held fewer than MIN_STEPS steps."""
+
+
 def choose_lr(problem: Problem, settings, validate: Callable[[], Dict[str, float]], *, ranks=None, quiet: bool = False,
-              known: Optional[dict] = None, record: Optional[Callable[[Dict[float, float], int], None]] = None
-              ) -> Tuple[float, Dict[str, Optional[float]], int]:
+              known: Optional[dict] = None, record: Optional[Callable[[Dict[float, float], int, int], None]] = None,
+              budget_minutes: Optional[float] = None) -> Tuple[float, Dict[str, Optional[float]], int]:
     """Run `problem.steps` steps at each rate the climb visits, from the current coefficients
     (put back after each), scored by validate() (KL per expert row); (the best rate, the
     mean validation KL per visited rate, ascending, the tokens the probe trained on).
     `known`: what a stopped run measured (checkpoint.Checkpoints.probe): those rates are not
-    trained again, and each rate run is given to `record(scores so far, tokens so far)`."""
+    trained again, and each rate run is given to `record(scores so far, tokens so far, steps
+    per rate)`. `budget_minutes`: the run's `max_minutes`, of which the probe spends at most
+    BUDGET_SHARE (fewer steps per rate when the budget is short)."""
     start = [p.detach().clone() for p in problem.params]
     probe = settings.model_copy(update={"warmup_steps": 0, "schedule": "constant", "checkpoint_minutes": 0, "checkpoint_every": 0})
     done = {rate: (math.inf if score is None else score) for rate, score in (known or {}).get("scores", [])}
-    tokens = [(known or {}).get("tokens", 0)]
-    progress = progress_bar(4 * problem.steps, "DAM lr probe", quiet)  # the climb visits 3 or 4 rates
+    tokens, steps = [(known or {}).get("tokens", 0)], [(known or {}).get("steps", problem.steps)]
+    # the first rate trained here finds how many steps fit, unless a stopped run already did
+    allowance = [60 * budget_minutes * BUDGET_SHARE / 4 if budget_minutes and not done else None]
+    progress = progress_bar(4 * steps[0], "DAM lr probe", quiet)  # the climb visits 3 or 4 rates
 
     def score(lr: float) -> float:
         if lr in done:
-            progress.update(problem.steps)
+            progress.update(steps[0])
             return done[lr]
+        timed = _Allowance(allowance[0]) if allowance[0] else None
         try:
-            history = fit(problem, probe.model_copy(update={"lr": lr}), progress, ranks=ranks)
+            history = fit(Problem(problem.params, steps[0], problem.micro_batch), probe.model_copy(update={"lr": lr}), progress,
+                          ranks=ranks, select=timed)
             tokens[0] += sum(entry["tokens"] for entry in history)
+            if timed:
+                allowance[0], steps[0], progress.total = None, len(history), 4 * len(history)
             kl = validate()
             mean = sum(kl.values()) / max(1, len(kl))
         except NonFiniteLoss:  # this rate diverges
@@ -78,12 +117,20 @@ def choose_lr(problem: Problem, settings, validate: Callable[[], Dict[str, float
                 param.copy_(value)
         done[lr] = mean if math.isfinite(mean) else float("inf")
         if record is not None:
-            record(dict(done), tokens[0])
+            record(dict(done), tokens[0], steps[0])
+        if timed and steps[0] < MIN_STEPS:
+            raise _NoRoom
         return done[lr]
 
-    with progress:
-        scores = dict(sorted(climb(score).items()))
+    try:
+        with progress:
+            scores = dict(sorted(climb(score).items()))
+    except _NoRoom:
+        scores = dict(done)
+        LOG.warning("dam: lr: auto: a %g-minute budget leaves room for %d probe step(s) per rate, fewer than %d: lr %g "
+                    "(the grid's middle) without a comparison; set `lr`, or give `max_minutes` more", budget_minutes,
+                    steps[0], MIN_STEPS, next(iter(scores)))
     best = min(scores, key=lambda lr: (scores[lr], lr))  # ties: the smaller rate
-    LOG.info("dam: lr: auto chose %g after %d probe steps per rate (validation KL %s)", best, problem.steps,
+    LOG.info("dam: lr: auto chose %g after %d probe steps per rate (validation KL %s)", best, steps[0],
              ", ".join(f"{lr:g}: {value:.4f}" for lr, value in scores.items()))
     return best, {f"{lr:g}": value if math.isfinite(value) else None for lr, value in scores.items()}, tokens[0]  # None: diverged

@@ -57,10 +57,92 @@ def test_a_probe_continues_from_the_rates_a_stopped_run_measured():
 
     problem, settings = Problem([param], 5, micro_batch), DamSettings(grad_clip=0)
     recorded = []
-    fresh = choose_lr(problem, settings, validate, quiet=True, record=lambda scores, tokens: recorded.append((dict(scores), tokens)))
+    fresh = choose_lr(problem, settings, validate, quiet=True, record=lambda scores, tokens, steps: recorded.append((dict(scores), tokens)))
     assert len(runs) == 5 * len(recorded) and [len(scores) for scores, _ in recorded] == list(range(1, len(recorded) + 1))
     first, tokens = recorded[0]
     runs.clear()
     known = {"scores": [[rate, score] for rate, score in first.items()], "tokens": tokens}
     resumed = choose_lr(problem, settings, validate, quiet=True, known=known)
     assert resumed == fresh and len(runs) == 5 * (len(recorded) - 1)  # the kept rate is not trained again
+
+
+class _Clock:
+    """A stand-in for lr_probe's time module: `seconds_per_step` pass with every step trained."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def _timed_problem(steps, seconds_per_step, clock):
+    import torch
+
+    from mergekit_dam.training.loop import Problem
+
+    target = torch.tensor([0.3, -0.2])
+    param = torch.nn.Parameter(torch.zeros(2))
+    runs = []
+
+    def micro_batch(step, micro):
+        runs.append(step)
+        clock.now += seconds_per_step
+        return ((param - target) ** 2).sum(), 1, {}
+
+    def validate():
+        return {"a": float(((param.detach() - target) ** 2).sum())}
+
+    return Problem([param], steps, micro_batch), validate, runs
+
+
+def _rates_run(runs):
+    """The step counts of the successive rates in a log of trained steps (each rate counts from 0)."""
+    counts = []
+    for step in runs:
+        if step == 0:
+            counts.append(0)
+        counts[-1] += 1
+    return counts
+
+
+def test_under_max_minutes_the_probe_fits_a_quarter_of_the_budget_and_every_rate_trains_as_many_steps(monkeypatch):
+    """The defect it guards against: a 25-step probe per rate took a whole `max_minutes` on a
+    slow machine and left the run one step. Here a step takes 1 s and the budget is 4 min:
+    the probe spends about 60 s (15 s a rate, plus the step during which the time ran out),
+    all rates train the same steps, and a resumed probe keeps that count."""
+    from mergekit_dam.core.settings import DamSettings
+    from mergekit_dam.training import lr_probe
+
+    clock = _Clock()
+    monkeypatch.setattr(lr_probe, "time", clock)
+    problem, validate, runs = _timed_problem(25, 1.0, clock)
+    recorded = []
+    chosen, scores, _ = lr_probe.choose_lr(problem, DamSettings(grad_clip=0), validate, quiet=True, budget_minutes=4,
+                                           record=lambda s, tokens, steps: recorded.append((dict(s), tokens, steps)))
+    counts = _rates_run(runs)
+    assert len(counts) in (3, 4) and len(set(counts)) == 1 and counts[0] == 16  # 15 s, then the step that passed it
+    assert clock.now <= 60 * 4 * lr_probe.BUDGET_SHARE + len(counts)
+    assert [steps for _, _, steps in recorded] == [16] * len(counts)
+    runs.clear()
+    first, tokens, steps = recorded[0]
+    known = {"scores": [[rate, score] for rate, score in first.items()], "tokens": tokens, "steps": steps}
+    again = lr_probe.choose_lr(problem, DamSettings(grad_clip=0), validate, quiet=True, budget_minutes=4, known=known)
+    assert again[0] == chosen and _rates_run(runs) == [16] * (len(counts) - 1)
+    clock.now = 0.0
+    runs.clear()
+    lr_probe.choose_lr(problem, DamSettings(grad_clip=0), validate, quiet=True, budget_minutes=60)
+    assert _rates_run(runs) == [25] * len(counts)  # a long budget: the probe's usual steps
+
+
+def test_a_budget_with_no_room_for_the_probe_keeps_the_grid_s_middle_rate_and_says_so(monkeypatch, caplog):
+    from mergekit_dam.core.settings import DamSettings
+    from mergekit_dam.training import lr_probe
+
+    clock = _Clock()
+    monkeypatch.setattr(lr_probe, "time", clock)
+    problem, validate, runs = _timed_problem(25, 100.0, clock)
+    with caplog.at_level("WARNING", logger="mergekit_dam"):
+        chosen, scores, _ = lr_probe.choose_lr(problem, DamSettings(grad_clip=0), validate, quiet=True, budget_minutes=4)
+    assert chosen == lr_probe.CANDIDATES[2] and list(scores) == [f"{chosen:g}"] and _rates_run(runs) == [2]
+    assert any("leaves room for 2 probe step(s) per rate" in r.getMessage() and "set `lr`" in r.getMessage() for r in caplog.records)

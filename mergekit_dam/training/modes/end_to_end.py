@@ -119,7 +119,8 @@ class EndToEnd:
             LOG.info("dam: lr probe: %d rates already measured (%s)", len(known["scores"]), self.checkpoints.path)
         chosen, self.probe, self.probe_tokens = choose_lr(Problem(list(self.raw.values()), probe_steps(self.steps), self.micro_batch),
                                                           self.settings, self.kl_on("validation"), ranks=self.ranks, quiet=quiet,
-                                                          known=known, record=self.checkpoints.save_probe)
+                                                          known=known, record=self.checkpoints.save_probe,
+                                                          budget_minutes=self.settings.max_minutes)
         return chosen
 
     def _begin(self, optimizer):
