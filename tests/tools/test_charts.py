@@ -1,5 +1,6 @@
-"""The compare chart that stays readable with many models (tools/charts.py), inspect's statistics
-chart, and benchmarks/charts.py, which redraws the documentation's PNGs from committed results."""
+"""The compare chart that stays readable with many models (tools/charts.py), and
+benchmarks/charts.py, which redraws the documentation's PNGs from committed results
+(tools/labels.py and tools/coefficient_chart.py have their own test files)."""
 
 import importlib.util
 import json
@@ -18,7 +19,6 @@ from matplotlib.colors import to_rgba  # noqa: E402
 from matplotlib.text import Annotation, Text  # noqa: E402
 
 from mergekit_dam.tools.charts import build_figure, compare_chart, model_colours, roles  # noqa: E402
-from mergekit_dam.tools.coefficient_chart import distinction_chart  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)
 SCRIPT = os.path.join(ROOT, "benchmarks", "charts.py")
@@ -192,14 +192,6 @@ def test_highlight_draws_only_those_models(figure):
     results = synthetic(6)
     drawn = figure(results, ["base", "expert_alpha", "merge_01", "merge_02"])
     assert set(drawn_colours(drawn)) == {"merge_01", "merge_02"}
-
-
-def test_the_distinction_chart(tmp_path):
-    runs = [("four", {"spread": 1.2, "correlation": -0.2, "dominance": {"expert_a": 0.5, "expert_b": 0.4, "base": 0.1}}),
-            ("weights", {"spread": 0.6, "correlation": None, "dominance": {"expert_a": 0.6, "expert_b": 0.4}})]
-    path = distinction_chart(runs, str(tmp_path / "d.png"), "title", groups=[1])
-    with open(path, "rb") as handle:
-        assert handle.read(4) == b"\x89PNG"
 
 
 def load_script():
