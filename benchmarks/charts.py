@@ -8,6 +8,9 @@
   coefficients.png       what `inspect` says tells the experts apart in DAM's coefficients (dominance,
                          spread, row correlation; mean over tensors) for the lab runs of
                          lab_parametrization_2026-11-26.json and lab_conflict_2026-11-27/ (seed 0)
+  real_coefficients.png  `inspect`'s heatmap (mean coefficient per layer, module type and expert) of
+                         the DAM run of BENCHMARKS.md's first real-model peers setup, from its
+                         committed inspect output (peers_real_smollm2_2026-12-03_run2/dam.inspect.json)
   gpu_step_vs_floor.png  DAM's training step against the plain-model floor measured in the same
                          run, per geometry, teachers and kernels/recompute setting: the newest
                          train-step results among benchmarks/results/gpu_check_*.json
@@ -30,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 from mergekit_dam.tools.charts import FONT_SIZE, LABEL_SIZE, compare_chart, model_names
 from mergekit_dam.tools.coefficient_chart import distinction_chart
+from mergekit_dam.tools.inspect_artifact import heatmap
 
 RESULTS = os.path.join(HERE, "results")
 HEADLINE = os.path.join(RESULTS, "real_model_smollm2_h200_dam_2026-11-26", "results.json")
@@ -41,6 +45,7 @@ EXPERT_SETS = [os.path.join(RESULTS, "lab_conflict_2026-11-27", name + ".json") 
                ("defaults_seed0_rerun", "arithmetic_translate_brackets", "shift_arithmetic_brackets", "shift_arithmetic", "shift_translate")]
 SEED = "s0"
 GPU_CHECKS = os.path.join(RESULTS, "gpu_check_*.json")
+REAL_INSPECT = os.path.join(RESULTS, "peers_real_smollm2_2026-12-03_run2", "dam.inspect.json")
 
 
 def read(path: str):
@@ -75,6 +80,14 @@ def coefficients(out: str) -> str:
     runs, groups = coefficient_runs()
     return distinction_chart(runs, os.path.join(out, "coefficients.png"), groups=groups,
                              title="What tells the experts apart in DAM's coefficients (mergekit-dam inspect, mean over tensors; the merge lab)")
+
+
+def real_coefficients(out: str) -> str:
+    summary = read(REAL_INSPECT)
+    for grid in ("layers", "dominance"):  # JSON made the layer indices strings
+        summary[grid] = {kind: {int(layer): values for layer, values in layers.items()} for kind, layers in summary[grid].items()}
+    return heatmap(summary, os.path.join(out, "real_coefficients.png"),
+                   title="DAM's coefficients on SmolLM2-135M-Instruct, three chat experts: mean per layer (mergekit-dam inspect)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +196,7 @@ def gpu_step_vs_floor(out: str) -> str:
     return gpu_chart(os.path.join(out, "gpu_step_vs_floor.png"), source, date, results)
 
 
-CHARTS = {"headline": headline, "coefficients": coefficients, "gpu_step_vs_floor": gpu_step_vs_floor, "evolution": evolution}
+CHARTS = {"headline": headline, "coefficients": coefficients, "real_coefficients": real_coefficients, "gpu_step_vs_floor": gpu_step_vs_floor, "evolution": evolution}
 
 
 def main(argv=None) -> int:

@@ -52,6 +52,16 @@ def distinction(table) -> dict:
     return {"spread": spread, "correlation": sum(pairs) / len(pairs) if pairs else None, "dominance": [float(w) for w in winners]}
 
 
+def base_complement(models, provenance: dict) -> Optional[str]:
+    """The base's row of an artifact trained on task vectors (its coefficients are 1 − Σ of the
+    experts', what the merged W = W_base + Σ cᵢ ⊙ (Wᵢ − W_base) gives it), or None: the model
+    without training data, when the settings say task_vectors."""
+    if ((provenance.get("settings") or {}).get("parametrization")) != "task_vectors":
+        return None
+    untrained = [m for m in models if m not in (provenance.get("datasets") or {})]
+    return untrained[0] if len(untrained) == 1 else None
+
+
 def summarize(path: str) -> dict:
     artifact = open_artifact(path)
     models = artifact.models
@@ -71,7 +81,8 @@ def summarize(path: str) -> dict:
         if layer is not None:
             layers.setdefault(kind, {})[layer] = [float(row.mean()) for row in table]
             dominance.setdefault(kind, {})[layer] = distinctions[name]["dominance"]
-    return {"artifact": path, "models": models, "provenance": {k: artifact.provenance(k) for k in artifact.metadata if k not in ("format", "models")},
+    provenance = {k: artifact.provenance(k) for k in artifact.metadata if k not in ("format", "models")}
+    return {"artifact": path, "models": models, "provenance": provenance, "base_complement": base_complement(models, provenance),
             "tensors": tensors, "layers": layers, "distinction": distinctions, "dominance": dominance,
             "format": artifact.metadata["format"], "row_factors": row_factors, "rows_complement": artifact.rows_complement()}
 
@@ -85,18 +96,23 @@ def heatmap(summary: dict, path: str, grids: str = "layers", label: str = "mean 
     import matplotlib.pyplot as plt
 
     kinds = sorted(summary[grids])
-    models = [os.path.basename(m.rstrip("/")) or m for m in summary["models"]]
     if not kinds:
         raise ValueError("the artifact has no per-layer tensors to draw")
+    shown = list(range(len(summary["models"])))
+    complement = summary.get("base_complement") if grids == "layers" else None
+    if complement in summary["models"]:  # 1 − Σ: its column would stretch the scale and hide the experts' differences
+        shown.remove(summary["models"].index(complement))
+        title += "\n(task-vector weights; the base's row, 1 − their sum, is left out)"
+    models = [os.path.basename(summary["models"][i].rstrip("/")) or summary["models"][i] for i in shown]
     columns = min(4, len(kinds))
     rows = math.ceil(len(kinds) / columns)
     layer_count = max(len(layers) for layers in summary[grids].values())
     figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, rows * (1.8 + 0.22 * layer_count) + 0.8),
                                 squeeze=False, layout="constrained")
-    values = [v for kind in kinds for layer in summary[grids][kind].values() for v in layer]
+    values = [layer[i] for kind in kinds for layer in summary[grids][kind].values() for i in shown]
     low, high = min(values), max(values)
     for axis, kind in zip(axes.flat, kinds):
-        grid = [summary[grids][kind][layer] for layer in sorted(summary[grids][kind])]
+        grid = [[summary[grids][kind][layer][i] for i in shown] for layer in sorted(summary[grids][kind])]
         image = axis.imshow(grid, aspect="auto", cmap="viridis", vmin=low, vmax=high)
         axis.set_title(kind, fontsize=9)
         axis.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=7)

@@ -223,7 +223,7 @@ def test_the_script_redraws_the_documentation_charts_from_the_committed_results(
     done = subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "MPLBACKEND": "Agg"})
     assert done.returncode == 0, done.stderr[-2000:]
-    for name in ("headline.png", "coefficients.png", "gpu_step_vs_floor.png"):
+    for name in ("headline.png", "coefficients.png", "real_coefficients.png", "gpu_step_vs_floor.png"):
         with open(tmp_path / name, "rb") as handle:
             assert handle.read(4) == b"\x89PNG", name
         assert os.path.getsize(tmp_path / name) > 20_000, name

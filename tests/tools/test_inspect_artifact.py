@@ -54,3 +54,31 @@ def test_cli_missing_artifact_is_one_line_and_quiet_works_after_the_subcommand(t
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "cannot read coefficients file" in error and missing in error
     assert cli(["-q", "inspect", missing]) == 1
+
+
+def test_a_task_vector_artifact_s_heatmap_leaves_out_the_base_s_complement(tmp_path, monkeypatch):
+    """Trained on task vectors, the base's row is 1 − Σ of the experts' (here −0.8 against experts
+    near 0.9): its column would set the colour scale and flatten the experts' differences."""
+    import matplotlib.pyplot as plt
+
+    tables = {f"model.layers.{i}.mlp.up_proj.weight": torch.tensor([[0.9 + 0.1 * i, 0.9], [0.9, 1.0 - 0.1 * i], [-0.8 - 0.1 * i, -0.9 + 0.1 * i]])
+              for i in range(2)}
+    path = str(tmp_path / "c.safetensors")
+    provenance = {"settings": {"parametrization": "task_vectors"}, "datasets": {"x/a": {}, "x/b": {}}}
+    write_artifact(path, tables, ["x/a", "x/b", "x/base"], provenance)
+    summary = summarize(path)
+    assert summary["base_complement"] == "x/base"
+    drawn, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda figure=None: drawn.append(figure))
+    outputs = report(path, str(tmp_path / "out"))
+    means, dominance = drawn
+    panel = means.axes[0]
+    assert [t.get_text() for t in panel.get_xticklabels()] == ["a", "b"] and "1 − their sum, is left out" in means.texts[0].get_text()
+    low, high = panel.images[0].get_clim()
+    assert (round(low, 6), round(high, 6)) == (0.9, 0.95)  # the experts' means only (with the base: from -0.85)
+    assert [t.get_text() for t in dominance.axes[0].get_xticklabels()] == ["a", "b", "base"]  # shares: every row
+    for figure in drawn:
+        close(figure)
+    # trained on weights, every row is a model's own: all drawn
+    write_artifact(path, tables, ["x/a", "x/b", "x/base"], {"settings": {"parametrization": "weights"}})
+    assert summarize(path)["base_complement"] is None and outputs
