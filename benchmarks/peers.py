@@ -482,9 +482,10 @@ def tuned(grid: str) -> Callable:
     return run
 
 
-def dam(setup, examples, args, out):
+def dam(setup, examples, args, out, extra: Optional[dict] = None):
+    """DAM at the package defaults (and --dam's settings; `extra`: a --dam-run's)."""
     artifact = out + ".safetensors"
-    settings = {"seed": args.seed, **dict(variant(f"dam:{','.join(args.dam)}")[1])}
+    settings = {"seed": args.seed, **dict(variant(f"dam:{','.join(args.dam)}")[1]), **(extra or {})}
     if args.budget_minutes:
         settings.setdefault("max_minutes", args.budget_minutes)
     config = {"merge_method": "dam", "base_model": setup.base, "dtype": "float32",
@@ -564,13 +565,17 @@ def parse_args(argv=None):
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
     parser.add_argument("--budget-minutes", type=float, help="the wall time of every trained method (DAM, AdaMerging, the tuned grids)")
     parser.add_argument("--dam", action="append", default=[], metavar="key=value", help="a DAM setting over the package defaults")
+    parser.add_argument("--dam-run", action="append", default=[], metavar="NAME:key=value,...",
+                        help="one more DAM merge, NAME, with these settings over the defaults (and --dam's); "
+                             "it runs when NAME is in --methods, e.g. dam_retain:retain_dataset=/abs/general.jsonl")
     parser.add_argument("--adamerging-steps", type=int, default=1000, help="AdaMerging's max_steps (its default: 1000)")
     parser.add_argument("--exclude-embeddings", action="store_true", help="WUDI and Iso-CTS leave the embedding and head averaged "
                         "(their vocabulary-squared matrices do not fit a CPU machine's memory at a real vocabulary)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strict", action="store_true", help="stop at the first method that fails (default: record it, go on)")
     args = parser.parse_args(argv)
-    unknown = set(args.methods.split(",")) - set(METHODS)
+    args.runs = dict(variant(text) for text in args.dam_run)
+    unknown = set(args.methods.split(",")) - set(METHODS) - set(args.runs)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}: pick from {', '.join(METHODS)}")
     return args
@@ -592,7 +597,8 @@ def main(argv=None) -> dict:
             shutil.rmtree(os.path.join(args.work, "compare", name), ignore_errors=True)  # a new merge's old score
             started = time.perf_counter()
             try:
-                results[name] = {**METHODS[name](setup, examples, args, out), "seconds": time.perf_counter() - started}
+                method = functools.partial(dam, extra=args.runs[name]) if name in args.runs else METHODS[name]
+                results[name] = {**method(setup, examples, args, out), "seconds": time.perf_counter() - started}
             except Exception as error:  # noqa: BLE001 -- one method's failure is a result; the others still run
                 if args.strict:
                     raise

@@ -123,3 +123,22 @@ def test_a_method_that_fails_is_a_result_and_the_others_still_run(run, peers, mo
         assert "| iso_c | failed: RuntimeError: out of memory |" in handle.read()
     with pytest.raises(RuntimeError):
         peers.main(["--setup", write_setup(setup, tmp_path), "--work", str(work), "--methods", "iso_c", "--strict"])
+
+
+def test_a_named_dam_run_merges_with_its_own_settings_over_the_shared_ones(peers, lab, monkeypatch, tmp_path):
+    """--dam-run NAME:k=v adds a DAM merge of its own (here a retain set), beside `dam`; both take
+    --dam's settings. The merge itself is mergekit-yaml's (stubbed: the config is what is checked)."""
+    configs = {}
+    monkeypatch.setattr(peers, "mergekit_yaml", lambda config, path, out, **kw: configs.setdefault(os.path.basename(out), config))
+    monkeypatch.setattr(peers, "read_report", lambda artifact: {"tokens": 5, "held_out_kl": {"final": {"a": 0.1}}, "loss_curve": [{}]})
+    monkeypatch.setattr(peers, "compare", lambda setup, models, results, out: {})
+    summary = peers.main(["--lab", os.path.dirname(lab["base"]), "--work", str(tmp_path), "--methods", "dam,dam_retain",
+                          "--dam", "steps=7", "--dam-run", "dam_retain:retain_dataset=/data/general.jsonl,retain_weight=2"])
+    shared = {"seed": 0, "steps": 7}
+    assert {k: v for k, v in configs["dam"]["parameters"].items() if k != "coefficients"} == shared
+    assert {k: v for k, v in configs["dam_retain"]["parameters"].items() if k != "coefficients"} == \
+        {**shared, "retain_dataset": "/data/general.jsonl", "retain_weight": 2}
+    assert configs["dam_retain"]["parameters"]["coefficients"] == str(tmp_path / "dam_retain.safetensors")
+    assert summary["methods"]["dam_retain"]["compute"] == 20 and summary["methods"]["dam_retain"]["settings"]["retain_weight"] == 2
+    with pytest.raises(SystemExit):  # a name neither a method nor a --dam-run
+        peers.parse_args(["--lab", "x", "--work", str(tmp_path), "--methods", "dam_other"])
