@@ -9,8 +9,8 @@ about `lr` per step whatever the model, so one grid serves every model size; wha
 is how far they may move before the merge gets worse, which the probe measures. The
 choice depends only on the config, the seed and the device, so a resumed run repeats it.
 
-Under `max_minutes` the probe takes at most a quarter of the budget: the first rate trains
-until its share (a quarter of that quarter) is spent, and the others train as many steps as
+Under `max_minutes` the probe takes about a quarter of the budget at most (plus a step and a
+validation per rate): the first rate trains until its share (a quarter of that quarter) is spent, and the others train as many steps as
 it did, so that the rates are compared on equal terms; with room for fewer than MIN_STEPS
 steps the first rate (the grid's middle) is kept without a comparison. How many steps fit
 depends on the machine's speed, like everything a time budget decides.
