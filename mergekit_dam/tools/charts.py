@@ -320,6 +320,3 @@ def compare_chart(results: dict, path: str, highlight: Optional[List[str]] = Non
     figure.savefig(path, dpi=figure.dpi)
     plt.close(figure)
     return path
-
-
-# ---------------------------------------------------------------------------------------------

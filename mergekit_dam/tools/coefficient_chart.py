@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from typing import List, Sequence, Tuple
 
-from mergekit_dam.tools.charts import FONT_SIZE, LABEL_SIZE
-
-
+from mergekit_dam.tools.charts import FONT_SIZE
+from mergekit_dam.tools.labels import LABEL_SIZE
 
 
 def distinction_chart(runs: Sequence[Tuple[str, dict]], path: str, title: str, groups: Sequence[int] = ()) -> str:
