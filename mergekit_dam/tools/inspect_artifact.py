@@ -52,10 +52,13 @@ def distinction(table) -> dict:
     return {"spread": spread, "correlation": sum(pairs) / len(pairs) if pairs else None, "dominance": [float(w) for w in winners]}
 
 
-def base_complement(models, provenance: dict) -> Optional[str]:
+def base_complement(models, provenance: dict, recorded: Optional[str] = None) -> Optional[str]:
     """The base's row of an artifact trained on task vectors (its coefficients are 1 − Σ of the
-    experts', what the merged W = W_base + Σ cᵢ ⊙ (Wᵢ − W_base) gives it), or None: the model
-    without training data, when the settings say task_vectors."""
+    experts', what the merged W = W_base + Σ cᵢ ⊙ (Wᵢ − W_base) gives it), or None: the row a
+    row-column file records (`recorded`, Artifact.rows_complement), else (column files record
+    none) the model without training data, when the settings say task_vectors."""
+    if recorded is not None:
+        return recorded
     if ((provenance.get("settings") or {}).get("parametrization")) != "task_vectors":
         return None
     untrained = [m for m in models if m not in (provenance.get("datasets") or {})]
@@ -82,7 +85,7 @@ def summarize(path: str) -> dict:
             layers.setdefault(kind, {})[layer] = [float(row.mean()) for row in table]
             dominance.setdefault(kind, {})[layer] = distinctions[name]["dominance"]
     provenance = {k: artifact.provenance(k) for k in artifact.metadata if k not in ("format", "models")}
-    return {"artifact": path, "models": models, "provenance": provenance, "base_complement": base_complement(models, provenance),
+    return {"artifact": path, "models": models, "provenance": provenance, "base_complement": base_complement(models, provenance, artifact.rows_complement()),
             "tensors": tensors, "layers": layers, "distinction": distinctions, "dominance": dominance,
             "format": artifact.metadata["format"], "row_factors": row_factors, "rows_complement": artifact.rows_complement()}
 

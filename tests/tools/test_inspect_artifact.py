@@ -82,3 +82,7 @@ def test_a_task_vector_artifact_s_heatmap_leaves_out_the_base_s_complement(tmp_p
     # trained on weights, every row is a model's own: all drawn
     write_artifact(path, tables, ["x/a", "x/b", "x/base"], {"settings": {"parametrization": "weights"}})
     assert summarize(path)["base_complement"] is None and outputs
+    # a row-column file records its complement row itself, provenance or not
+    rows = {**tables, "model.layers.0.mlp.up_proj.weight:rows": torch.ones(3, 4)}
+    write_artifact(path, rows, ["x/a", "x/b", "x/base"], rows_complement="x/base")
+    assert summarize(path)["base_complement"] == "x/base"
