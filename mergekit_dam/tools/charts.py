@@ -19,6 +19,7 @@ all panels, outside the axes.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from mergekit_dam.tools.harness import lm_eval_columns, lm_eval_label
@@ -29,10 +30,6 @@ FONT_SIZE = 10
 MARKERS = "osD^vP*Xph<>"
 EXPERT_STYLE = dict(color="black", linestyle="-", linewidth=2.2)
 BASE_STYLE = dict(color="0.45", linestyle="--", linewidth=1.6)
-
-
-# ---------------------------------------------------------------------------------------------
-# which model is what
 
 
 def skills_of(results: dict, names: Sequence[str]) -> List[str]:
@@ -109,10 +106,6 @@ def model_colours(names: Sequence[str]) -> Dict[str, Tuple[str, Optional[str], s
     return dict(zip(names, palette(len(names))))
 
 
-# ---------------------------------------------------------------------------------------------
-# the compare chart
-
-
 def _value(results: dict, name: str, skill: str, metric: str):
     value = results[name].get(skill, {}).get(metric) if isinstance(results[name].get(skill), dict) else None
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
@@ -134,11 +127,24 @@ METRICS = {
 }
 
 
-def build_figure(results: dict, highlight: Optional[List[str]] = None):
-    """The compare chart as a matplotlib Figure (laid out and its labels placed; not saved)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+@dataclass
+class ChartPlan:
+    """What the compare chart draws: who is a bar, who a reference, and which panels have values."""
+
+    results: dict
+    skills: List[str]
+    merges: List[str]  # bars, one colour each
+    unmapped: List[str]  # experts of no known skill: their own marks on every skill
+    colours: Dict[str, Tuple[str, Optional[str], str]]
+    experts: Dict[str, str]  # skill -> its expert
+    base: Optional[str]
+    bar_metrics: List[str]
+    harness: List[Tuple[str, str]]  # lm-eval (task, metric) columns
+    costed: List[str]  # merges with a compute figure
+    compute_metrics: List[str]
+
+
+def plan(results: dict, highlight: Optional[List[str]] = None) -> ChartPlan:
     names = model_names(results, highlight)
     if not names:
         raise ValueError("no model entries to draw")
@@ -146,47 +152,42 @@ def build_figure(results: dict, highlight: Optional[List[str]] = None):
     role = roles(results, names, skills)
     merges = [n for n in names if role[n][0] == "merge"]
     unmapped = [n for n in names if role[n] == ("expert", None)]
-    colours = model_colours(merges + unmapped)
-    experts = {role[n][1]: n for n in names if role[n][0] == "expert" and role[n][1] is not None}
-    base = next((n for n in names if role[n][0] == "base"), None)
-
     bar_metrics = [m for m in ("accuracy", "kl") if _has_values(results, names, skills, m)] or ["nll"]
     with_harness = [n for n in names if results[n].get("lm_eval")]
-    harness = lm_eval_columns({n: results[n] for n in with_harness}) if with_harness else []
     costed = [n for n in merges if isinstance(results[n].get("compute"), (int, float))]
-    compute_metrics = [m for m in ("accuracy", "kl") if m in bar_metrics and _has_values(results, costed, skills, m)] if costed else []
+    return ChartPlan(
+        results, skills, merges, unmapped, model_colours(merges + unmapped),
+        experts={role[n][1]: n for n in names if role[n][0] == "expert" and role[n][1] is not None},
+        base=next((n for n in names if role[n][0] == "base"), None), bar_metrics=bar_metrics,
+        harness=lm_eval_columns({n: results[n] for n in with_harness}) if with_harness else [], costed=costed,
+        compute_metrics=[m for m in ("accuracy", "kl") if m in bar_metrics and _has_values(results, costed, skills, m)] if costed else [])
 
-    bar_panels = len(bar_metrics) + (1 if harness else 0)
-    ticks = max(len(skills), len(harness))
-    bar_width = min(11.0, max(5.0, 1.2 + 0.13 * max(1, len(merges)) * ticks))
-    width = max(bar_panels * bar_width, len(compute_metrics) * 6.5) + 2.6
-    rows = 1 + (1 if compute_metrics else 0)
+
+def build_figure(results: dict, highlight: Optional[List[str]] = None):
+    """The compare chart as a matplotlib Figure (laid out and its labels placed; not saved)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chart = plan(results, highlight)
+    bar_panels = len(chart.bar_metrics) + (1 if chart.harness else 0)
+    ticks = max(len(chart.skills), len(chart.harness))
+    bar_width = min(11.0, max(5.0, 1.2 + 0.13 * max(1, len(chart.merges)) * ticks))
+    width = max(bar_panels * bar_width, len(chart.compute_metrics) * 6.5) + 2.6
+    rows = 1 + (1 if chart.compute_metrics else 0)
     with plt.rc_context({"font.size": FONT_SIZE, "axes.titlesize": FONT_SIZE + 1}):
         figure = plt.figure(figsize=(width, 4.6 * rows), dpi=120, layout="constrained")
         parts = figure.subfigures(rows, 1, squeeze=False)[:, 0] if rows > 1 else [figure]
         bar_axes = list(_axes(parts[0], bar_panels))
-        for axis, metric in zip(bar_axes, bar_metrics):
-            _bars(axis, results, merges, skills, lambda n, s, metric=metric: _value(results, n, s, metric), colours)
-            _skill_references(axis, results, skills, metric, experts, base)
-            axis.set_title(METRICS[metric][1])
-            axis.set_ylabel(METRICS[metric][0])
-        if harness:
-            axis = bar_axes[len(bar_metrics)]
-            columns = {lm_eval_label(task, metric, "\n"): (task, metric) for task, metric in harness}
-            _bars(axis, results, merges, list(columns), lambda n, label: _score(results, n, *columns[label]), colours)
-            _harness_references(axis, results, harness, experts, unmapped, base, colours)
-            axis.set_title("lm-eval scores")
-        for axis, metric in zip(bar_axes, bar_metrics):  # an expert of no known skill: its own mark on every skill
-            for name in unmapped:
-                for index, skill in enumerate(skills):
-                    value = _value(results, name, skill, metric)
-                    if value is not None:
-                        axis.hlines(value, index - 0.42, index + 0.42, color=colours[name][0], linestyle="-.", linewidth=1.8, zorder=4)
-        compute_axes = list(_axes(parts[1], len(compute_metrics))) if compute_metrics else []
-        for axis, metric in zip(compute_axes, compute_metrics):
-            _compute_panel(axis, results, costed, merges, skills, metric, colours, experts, base)
-        handles = _legend_handles(merges, colours, experts, base, unmapped)
-        figure.legend(handles=handles, loc="outside right upper", fontsize=FONT_SIZE - 1, frameon=False,
+        for axis, metric in zip(bar_axes, chart.bar_metrics):
+            _metric_panel(axis, chart, metric)
+        if chart.harness:
+            _harness_panel(bar_axes[len(chart.bar_metrics)], chart)
+        compute_axes = list(_axes(parts[1], len(chart.compute_metrics))) if chart.compute_metrics else []
+        for axis, metric in zip(compute_axes, chart.compute_metrics):
+            _compute_panel(axis, chart, metric)
+        figure.legend(handles=_legend_handles(chart), loc="outside right upper", fontsize=FONT_SIZE - 1, frameon=False,
                       title="models", title_fontsize=FONT_SIZE)
         if compute_axes:
             figure.canvas.draw()  # lay out first: the labels are placed in the final pixel positions
@@ -196,9 +197,29 @@ def build_figure(results: dict, highlight: Optional[List[str]] = None):
     return figure
 
 
+def _metric_panel(axis, chart: ChartPlan, metric: str) -> None:
+    """One metric's bars per skill, with the skill's expert and the base as reference lines."""
+    results = chart.results
+    _bars(axis, results, chart.merges, chart.skills, lambda n, s: _value(results, n, s, metric), chart.colours)
+    _skill_references(axis, results, chart.skills, metric, chart.experts, chart.base)
+    for name in chart.unmapped:  # an expert of no known skill: its own mark on every skill
+        for index, skill in enumerate(chart.skills):
+            value = _value(results, name, skill, metric)
+            if value is not None:
+                axis.hlines(value, index - 0.42, index + 0.42, color=chart.colours[name][0], linestyle="-.", linewidth=1.8, zorder=4)
+    axis.set_title(METRICS[metric][1])
+    axis.set_ylabel(METRICS[metric][0])
+
+
+def _harness_panel(axis, chart: ChartPlan) -> None:
+    columns = {lm_eval_label(task, metric, "\n"): (task, metric) for task, metric in chart.harness}
+    _bars(axis, chart.results, chart.merges, list(columns), lambda n, label: _score(chart.results, n, *columns[label]), chart.colours)
+    _harness_references(axis, chart.results, chart.harness, chart.experts, chart.unmapped, chart.base, chart.colours)
+    axis.set_title("lm-eval scores")
+
+
 def _axes(part, count: int):
-    axes = part.subplots(1, count, squeeze=False)[0]
-    return axes
+    return part.subplots(1, count, squeeze=False)[0]
 
 
 def _bars(axis, results, merges, ticks, value_of, colours) -> None:
@@ -254,9 +275,11 @@ def _mean(results, name, skills, metric) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
-def _compute_panel(axis, results, costed, merges, skills, metric, colours, experts, base) -> None:
+def _compute_panel(axis, chart: ChartPlan, metric: str) -> None:
+    """Mean `metric` over the skills against compute, each costed merge a labelled point (a line at 0)."""
+    results, merges, skills, colours, experts, base = chart.results, chart.merges, chart.skills, chart.colours, chart.experts, chart.base
     labels = []
-    for name in costed:
+    for name in chart.costed:
         mean = _mean(results, name, skills, metric)
         if mean is None:
             continue
@@ -275,7 +298,7 @@ def _compute_panel(axis, results, costed, merges, skills, metric, colours, exper
         axis.axhline(sum(own) / len(own), zorder=2, **EXPERT_STYLE)
     if base is not None and _mean(results, base, skills, metric) is not None:
         axis.axhline(_mean(results, base, skills, metric), zorder=2, **BASE_STYLE)
-    if any(results[name]["compute"] > 0 for name in costed):
+    if any(results[name]["compute"] > 0 for name in chart.costed):
         axis.set_xscale("log")
     axis.set_xlabel("compute (forward-token equivalents, log); dashed: compute 0")
     axis.set_ylabel(f"mean {METRICS[metric][0]} over the skills")
@@ -293,19 +316,19 @@ def _compute_panel(axis, results, costed, merges, skills, metric, colours, exper
     axis._dam_labels = labels
 
 
-def _legend_handles(merges, colours, experts, base, unmapped):
+def _legend_handles(chart: ChartPlan):
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     handles = []
-    if experts:
+    if chart.experts:
         handles.append(Line2D([], [], label="each skill's own expert", **EXPERT_STYLE))
-    if base is not None:
+    if chart.base is not None:
         handles.append(Line2D([], [], label="base", **BASE_STYLE))
-    for name in unmapped:
-        handles.append(Line2D([], [], label=name, color=colours[name][0], linestyle="-.", linewidth=1.8))
-    for name in merges:
-        face, hatch, hatch_colour = colours[name]
+    for name in chart.unmapped:
+        handles.append(Line2D([], [], label=name, color=chart.colours[name][0], linestyle="-.", linewidth=1.8))
+    for name in chart.merges:
+        face, hatch, hatch_colour = chart.colours[name]
         handles.append(Patch(facecolor=face, hatch=hatch, edgecolor=hatch_colour if hatch else face, linewidth=0,
                              label=name, **({"hatchcolor": hatch_colour} if hatch else {})))
     return handles
