@@ -25,15 +25,21 @@ of the real tokens each method's data loader hands out, plus wall time.
 `--budget-minutes M` caps every trained method at the same wall time: DAM's `max_minutes`,
 AdaMerging's steps (it stops after the step that crosses it) and the tuned grids' candidates.
 Without it each runs at its defaults (a GPU: DAM's defaults take minutes on SmolLM2-135M; on two
-CPU cores, 100 DAM steps take 20-40 minutes). Stages are cached in --work: a merged model
-folder that exists is not merged again (delete it to redo it); results.json/results.md are
-rewritten after every method.
+CPU cores, 100 DAM steps take 20-40 minutes). Each method is scored as soon as it is merged.
+Stages are cached: a merged model folder in --work that exists is not merged again, and a
+method scored in --results (default: --work; the small files only: results.json,
+results.md, compare/, DAM's reports) is neither merged nor scored again, so a setup too long for
+one sitting goes on later from a results folder kept apart from the merged models (to redo a
+method, delete its folder and its compare/NAME). results.json
+records a fingerprint of the setup's models and data, and refuses to be continued on others.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import glob
+import hashlib
 import json
 import os
 import shutil
@@ -47,7 +53,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from helpers import dam_compute, read_report, teacher_forced_tokens, variant
 
-from mergekit_dam import DamSettings, ModelSettings
+from mergekit_dam import DamSettings, ModelSettings, sidecar
 from mergekit_dam.lab.demo import mergekit_yaml, simple_merge_config
 from mergekit_dam.tools.compare import Scorer, read_records
 from mergekit_dam.training.data import tokenize
@@ -98,6 +104,26 @@ class Example:
         labels = [t if s else -100 for t, s in zip(self.input_ids, self.scored)]
         return {"input_ids": torch.tensor(self.input_ids + [pad] * extra), "attention_mask": torch.tensor([1] * len(self.input_ids) + [0] * extra),
                 "labels": torch.tensor(labels + [-100] * extra)}
+
+
+def fingerprint(setup: Setup) -> Dict[str, str]:
+    """sha256 of every file the scores depend on: each model's weights and each data split, by
+    the role it plays (so that the same setup rebuilt in another folder still matches)."""
+    files = {"base": sorted(glob.glob(os.path.join(setup.base, "*.safetensors")))}
+    files.update({f"expert_{s}": sorted(glob.glob(os.path.join(p, "*.safetensors"))) for s, p in setup.experts.items()})
+    for split in ("calibration", "validation", "held_out"):
+        files.update({f"{split}_{s}": [p] for s, p in getattr(setup, split).items()})
+    if setup.general:
+        files["general"] = [setup.general]
+    digests = {}
+    for role, paths in files.items():
+        digest = hashlib.sha256()
+        for path in paths:
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(block)
+        digests[role] = digest.hexdigest()
+    return digests
 
 
 @functools.lru_cache(maxsize=None)
@@ -562,6 +588,8 @@ def parse_args(argv=None):
     where.add_argument("--real-model", help="benchmarks/real_model.py's --work folder")
     where.add_argument("--setup", help="a JSON file with base, experts, calibration, validation, held_out (and general)")
     parser.add_argument("--work", required=True, help="where merged models, results.json and results.md go")
+    parser.add_argument("--results", help="where results.json, results.md, compare/ and DAM's reports go (default: --work): "
+                        "keep it to go on later without the merged models")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
     parser.add_argument("--budget-minutes", type=float, help="the wall time of every trained method (DAM, AdaMerging, the tuned grids)")
     parser.add_argument("--dam", action="append", default=[], metavar="key=value", help="a DAM setting over the package defaults")
@@ -586,15 +614,26 @@ def main(argv=None) -> dict:
     setup = (Setup.from_lab(args.lab) if args.lab else Setup.from_real_model(args.real_model) if args.real_model
              else Setup(**json.load(open(args.setup, encoding="utf-8"))))
     examples = calibration_examples(setup, tokenizer_of(setup.base))
+    kept = args.results or args.work
     os.makedirs(args.work, exist_ok=True)
-    results_path = os.path.join(args.work, "results.json")
-    results = json.load(open(results_path, encoding="utf-8"))["methods"] if os.path.exists(results_path) else {}
+    os.makedirs(kept, exist_ok=True)
+    results_path, scores_dir = os.path.join(kept, "results.json"), os.path.join(kept, "compare")
+    recorded = json.load(open(results_path, encoding="utf-8")) if os.path.exists(results_path) else {}
+    prints = fingerprint(setup)
+    differ = sorted(k for k, v in recorded.get("fingerprint", prints).items() if prints.get(k) != v)
+    if differ:
+        sys.exit(f"peers: {results_path} was measured on other files ({', '.join(differ)} differ): "
+                 "pass another --results folder, or delete that one to start again")
+    results = recorded.get("methods", {})
     models = {"base": setup.base, **{f"expert_{s}": p for s, p in setup.experts.items()}}
+    scored = lambda name: name in results and os.path.exists(os.path.join(scores_dir, name, "compare.json"))  # noqa: E731
+    models.update({name: os.path.join(args.work, name) for name in results if scored(name)})
+    compare(setup, models, results, scores_dir)  # the base and the experts first: every retention needs them
     for name in args.methods.split(","):
         out = os.path.join(args.work, name)
-        if not os.path.exists(os.path.join(out, "config.json")):
+        if not scored(name) and not os.path.exists(os.path.join(out, "config.json")):
             shutil.rmtree(out + ".work", ignore_errors=True)
-            shutil.rmtree(os.path.join(args.work, "compare", name), ignore_errors=True)  # a new merge's old score
+            shutil.rmtree(os.path.join(scores_dir, name), ignore_errors=True)  # a new merge's old score
             started = time.perf_counter()
             try:
                 method = functools.partial(dam, extra=args.runs[name]) if name in args.runs else METHODS[name]
@@ -607,14 +646,19 @@ def main(argv=None) -> dict:
                 print(f"{name}: failed after {results[name]['seconds']:.1f} s: {results[name]['error']}", flush=True)
             else:
                 print(f"{name}: {results[name]['seconds']:.1f} s, {results[name]['compute']:.3g} forward-token equivalents", flush=True)
-            write(results_path, {"setup": asdict(setup), "methods": results})
-    models.update({name: os.path.join(args.work, name) for name in results if os.path.exists(os.path.join(args.work, name, "config.json"))})
-    scores = compare(setup, models, results, os.path.join(args.work, "compare"))
-    summary = {"setup": asdict(setup), "methods": results, "scores": scores, "budget_minutes": args.budget_minutes,
+                report = sidecar(out + ".safetensors", "report")
+                if os.path.exists(report):  # DAM's: the coefficients' training, kept with the scores
+                    shutil.copyfile(report, os.path.join(kept, f"{name}.report.json"))
+            write(results_path, {"setup": asdict(setup), "fingerprint": prints, "methods": results})
+        if os.path.exists(os.path.join(out, "config.json")) or scored(name):
+            models[name] = out
+            compare(setup, models, results, scores_dir)  # scored now: a later stop keeps it
+    scores = compare(setup, models, results, scores_dir)
+    summary = {"setup": asdict(setup), "fingerprint": prints, "methods": results, "scores": scores, "budget_minutes": args.budget_minutes,
                "defaults": {n: {"defaults": p.defaults, "deviations": p.deviations} for n, p in PEERS.items()}}
     write(results_path, summary)
     markdown = table(setup, scores, results)
-    with open(os.path.join(args.work, "results.md"), "w", encoding="utf-8") as handle:
+    with open(os.path.join(kept, "results.md"), "w", encoding="utf-8") as handle:
         handle.write(markdown)
     print(markdown)
     return summary

@@ -120,6 +120,8 @@ def test_the_second_real_model_setups_skills_have_exact_answers(real_model):
         prompt, answer = generators["initials"](g)
         assert answer == "".join(word[0] for word in prompt[:-1].split()).upper()
     assert real_model.present("reverse", "abc>", "cba") == ("a b c", "c b a")
+    assert real_model.present("initials", "cold iron:", "CI") == ("cold iron:", "C I")  # the words kept, the letters apart
+    assert real_model.present("subtract", "54-21=", "33") == ("54-21=", "33")
 
 
 def test_real_model_data_adds_the_general_chat_records(real_model, tmp_path):

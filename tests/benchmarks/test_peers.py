@@ -4,6 +4,7 @@ recomputed here from each expert's own inputs; a data-free method (TSV-M); merge
 arithmetic tuned on validation under a budget; AdaMerging stopped by the budget; every model
 scored by `mergekit-dam compare` and tabled with its compute."""
 
+import dataclasses
 import json
 import os
 
@@ -142,3 +143,25 @@ def test_a_named_dam_run_merges_with_its_own_settings_over_the_shared_ones(peers
     assert summary["methods"]["dam_retain"]["compute"] == 20 and summary["methods"]["dam_retain"]["settings"]["retain_weight"] == 2
     with pytest.raises(SystemExit):  # a name neither a method nor a --dam-run
         peers.parse_args(["--lab", "x", "--work", str(tmp_path), "--methods", "dam_other"])
+
+
+def test_a_results_folder_goes_on_without_the_merged_models(run, peers, tmp_path):
+    """--results keeps the small files: a later sitting with a fresh --work (the merged models
+    gone) neither merges nor scores a method that is scored there."""
+    summary, work, setup = run
+    again = peers.main(["--setup", write_setup(setup, tmp_path), "--work", str(tmp_path / "fresh"), "--results", str(work),
+                        "--methods", "regmean,tsvm"])
+    assert not os.path.exists(tmp_path / "fresh" / "regmean")
+    assert again["methods"]["regmean"] == summary["methods"]["regmean"]
+    assert again["scores"] == summary["scores"]
+
+
+def test_results_measured_on_other_files_are_not_continued(run, peers, tmp_path):
+    summary, work, setup = run
+    skill = next(iter(setup.held_out))
+    records = read_records(setup.held_out[skill])
+    changed = tmp_path / "held_out.jsonl"
+    changed.write_text("".join(json.dumps(r) + "\n" for r in records[1:]), encoding="utf-8")
+    setup = dataclasses.replace(setup, held_out={**setup.held_out, skill: str(changed)})
+    with pytest.raises(SystemExit, match=f"held_out_{skill} differ"):
+        peers.main(["--setup", write_setup(setup, tmp_path), "--work", str(tmp_path / "w"), "--results", str(work), "--methods", "tsvm"])
