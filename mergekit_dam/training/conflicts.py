@@ -19,14 +19,16 @@ FLOOR = 0.05
 RATIO = 3.0
 
 
-def shares_left(start: Mapping[str, float], fit: Mapping[str, float]) -> Dict[str, float]:
-    """Per expert: its final KL on its own training examples over its linear-start KL."""
-    return {row: fit[row] / start[row] for row in fit if start.get(row, 0) > 0}
+def shares_left(start: Mapping[str, float], fit: Mapping[str, float], retain_row: Optional[str] = None) -> Dict[str, float]:
+    """Per expert: its final KL on its own training examples over its linear-start KL. The
+    retain data's row (`retain_row`, the base's) is left out: it holds no skill a partner could
+    hold back, its KL is what the skills are allowed to cost."""
+    return {row: fit[row] / start[row] for row in fit if start.get(row, 0) > 0 and row != retain_row}
 
 
-def held_back(start: Mapping[str, float], fit: Mapping[str, float]) -> Dict[str, float]:
+def held_back(start: Mapping[str, float], fit: Mapping[str, float], retain_row: Optional[str] = None) -> Dict[str, float]:
     """{expert: share left} of the experts whose partners hold them back (two experts or more)."""
-    shares = shares_left(start, fit)
+    shares = shares_left(start, fit, retain_row)
     flagged = {}
     for row, share in shares.items():
         partners = [value for other, value in shares.items() if other != row]
@@ -35,12 +37,13 @@ def held_back(start: Mapping[str, float], fit: Mapping[str, float]) -> Dict[str,
     return flagged
 
 
-def conflict_line(start: Mapping[str, float], fit: Optional[Mapping[str, float]], granularity: str) -> Optional[str]:
+def conflict_line(start: Mapping[str, float], fit: Optional[Mapping[str, float]], granularity: str,
+                  retain_row: Optional[str] = None) -> Optional[str]:
     """The one warning line naming the held-back experts and what to try, or None."""
-    flagged = held_back(start, fit or {})
+    flagged = held_back(start, fit or {}, retain_row)
     if not flagged:
         return None
-    shares = shares_left(start, fit)
+    shares = shares_left(start, fit, retain_row)
     partners = [value for row, value in shares.items() if row not in flagged]
     names = ", ".join(f"{row} ({share:.0%})" for row, share in flagged.items())
     typical = f"{statistics.median(partners):.0%}" if partners else "less"

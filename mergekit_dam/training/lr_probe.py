@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from mergekit_dam.training.loop import NonFiniteLoss, Problem, fit
 from mergekit_dam.training.progress import progress_bar
+from mergekit_dam.training.selection import TimeBudget
 
 LOG = logging.getLogger("mergekit_dam")
 
@@ -57,24 +57,6 @@ def climb(score: Callable[[float], float], candidates: Sequence[float] = CANDIDA
     return scores
 
 
-class _Allowance:
-    """fit()'s `select` while the first rate trains under a time allowance: the rate stops
-    after the step during which its seconds ran out (fit asks over_budget() before each
-    step and the ranks agree on the answer)."""
-
-    def __init__(self, seconds: float):
-        self.seconds, self.clock = seconds, time.perf_counter()
-
-    def over_budget(self) -> bool:
-        return time.perf_counter() - self.clock >= self.seconds
-
-    def after_step(self, step: int, spent: bool) -> bool:
-        return spent
-
-    def finish(self) -> None:
-        pass
-
-
 class _NoRoom(Exception):
     """The first rate's share of the budget held fewer than MIN_STEPS steps."""
 
@@ -94,14 +76,14 @@ def choose_lr(problem: Problem, settings, validate: Callable[[], Dict[str, float
     done = {rate: (math.inf if score is None else score) for rate, score in (known or {}).get("scores", [])}
     tokens, steps = [(known or {}).get("tokens", 0)], [(known or {}).get("steps", problem.steps)]
     # the first rate trained here finds how many steps fit, unless a stopped run already did
-    allowance = [60 * budget_minutes * BUDGET_SHARE / 4 if budget_minutes and not done else None]
+    allowance = [budget_minutes * BUDGET_SHARE / 4 if budget_minutes and not done else None]
     progress = progress_bar(4 * steps[0], "DAM lr probe", quiet)  # the climb visits 3 or 4 rates
 
     def score(lr: float) -> float:
         if lr in done:
             progress.update(steps[0])
             return done[lr]
-        timed = _Allowance(allowance[0]) if allowance[0] else None
+        timed = TimeBudget(allowance[0]) if allowance[0] else None
         try:
             history = fit(Problem(problem.params, steps[0], problem.micro_batch), probe.model_copy(update={"lr": lr}), progress,
                           ranks=ranks, select=timed)

@@ -25,20 +25,41 @@ def evaluation_interval(eval_every: int, steps: int) -> int:
     return eval_every or max(1, steps // 20)
 
 
-class KeepBest:
+class TimeBudget:
+    """fit()'s `select` with a clock only: the run stops after the step during which
+    `max_minutes` ran out (fit asks over_budget() before each step, and the ranks agree on
+    the answer). The learning-rate probe times its first rate with it; KeepBest adds
+    validation to it."""
+
+    def __init__(self, max_minutes: Optional[float]):
+        self.max_minutes, self.clock = max_minutes, time.perf_counter()
+
+    def over_budget(self) -> bool:
+        """Whether this process has spent `max_minutes`."""
+        return self.max_minutes is not None and time.perf_counter() - self.clock >= 60 * self.max_minutes
+
+    def after_step(self, step: int, spent: bool = False) -> bool:
+        """After optimizer step `step`: True = stop now (the budget is spent)."""
+        return spent
+
+    def finish(self) -> None:
+        pass
+
+
+class KeepBest(TimeBudget):
     """params: the raw coefficients by name; validate(): validation KL per expert row."""
 
     def __init__(self, params: Dict[str, torch.nn.Parameter], validate: Callable[[], Dict[str, float]], *, every: int, steps: int,
                  patience: int = 0, max_minutes: Optional[float] = None, keep_best: bool = True):
+        super().__init__(max_minutes)
         self.params, self.validate, self.every, self.steps = params, validate, every, steps
-        self.patience, self.max_minutes, self.keep_best = patience, max_minutes, keep_best
+        self.patience, self.keep_best = patience, keep_best
         self.curve: List[dict] = []
         self.best_step, self.best_mean = 0, float("inf")
         self.best: Dict[str, torch.Tensor] = {}
         self.stale = 0  # evaluations since the last improvement
         self.stopped_at: Optional[int] = None
         self.why: Optional[str] = None
-        self.clock = time.perf_counter()
 
     def measure(self, step: int) -> bool:
         """Evaluate at `step` (0: the start); True when this is the best so far."""
@@ -51,10 +72,6 @@ class KeepBest:
             return True
         self.stale += 1
         return False
-
-    def over_budget(self) -> bool:
-        """Whether this process has spent `max_minutes` (the loop agrees on it across ranks)."""
-        return self.max_minutes is not None and time.perf_counter() - self.clock >= 60 * self.max_minutes
 
     def after_step(self, step: int, spent: bool = False) -> bool:
         """After optimizer step `step` (1-based): evaluate when due; True = stop now.

@@ -27,3 +27,14 @@ def test_no_signal_when_every_expert_fits_alike_or_is_nearly_fit():
     assert held_back(START, small) == {}
     assert conflict_line(START, None, "column") is None  # layer-wise mode: no training KL
     assert held_back({"a": 1.0}, {"a": 0.9}) == {}  # one expert: no partners
+
+
+def test_the_retain_set_s_row_is_never_named_and_is_no_partner():
+    """With a retain set the base's row keeps more of its start (the skills cost general text):
+    that is no expert held back, and it does not lower the partners' median either (the
+    second real-model setup's retain run, 2026-12-04: the base's row kept 129%)."""
+    start, fit = {**START, "base": 1.31}, {**FIT, "base": 1.68}
+    assert "base" in held_back(start, fit)  # read as an expert it would be flagged
+    assert held_back(start, fit, "base") == held_back(START, FIT)
+    assert "base" not in shares_left(start, fit, "base")
+    assert conflict_line(start, fit, "column", "base") == conflict_line(START, FIT, "column")

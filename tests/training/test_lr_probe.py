@@ -112,10 +112,10 @@ def test_under_max_minutes_the_probe_fits_a_quarter_of_the_budget_and_every_rate
     the probe spends about 60 s (15 s a rate, plus the step during which the time ran out),
     all rates train the same steps, and a resumed probe keeps that count."""
     from mergekit_dam.core.settings import DamSettings
-    from mergekit_dam.training import lr_probe
+    from mergekit_dam.training import lr_probe, selection
 
     clock = _Clock()
-    monkeypatch.setattr(lr_probe, "time", clock)
+    monkeypatch.setattr(selection, "time", clock)  # the probe's first rate is timed by selection.TimeBudget
     problem, validate, runs = _timed_problem(25, 1.0, clock)
     recorded = []
     chosen, scores, _ = lr_probe.choose_lr(problem, DamSettings(grad_clip=0), validate, quiet=True, budget_minutes=4,
@@ -137,10 +137,10 @@ def test_under_max_minutes_the_probe_fits_a_quarter_of_the_budget_and_every_rate
 
 def test_a_budget_with_no_room_for_the_probe_keeps_the_grid_s_middle_rate_and_says_so(monkeypatch, caplog):
     from mergekit_dam.core.settings import DamSettings
-    from mergekit_dam.training import lr_probe
+    from mergekit_dam.training import lr_probe, selection
 
     clock = _Clock()
-    monkeypatch.setattr(lr_probe, "time", clock)
+    monkeypatch.setattr(selection, "time", clock)  # the probe's first rate is timed by selection.TimeBudget
     problem, validate, runs = _timed_problem(25, 100.0, clock)
     with caplog.at_level("WARNING", logger="mergekit_dam"):
         chosen, scores, _ = lr_probe.choose_lr(problem, DamSettings(grad_clip=0), validate, quiet=True, budget_minutes=4)

@@ -155,12 +155,12 @@ class EndToEnd:
             held_out_kl={"step_0_linear_average": kl_start, "final": kl_end}, training_kl=kl_fit, loss_curve=_curve(history),
             estimate=self.plan, validation=self.select.report(), lr=settings.lr, lr_probe=self.probe, teacher=settings.teacher,
             packing=self.packed, tokens=sum(entry.get("tokens", 0) for entry in history) + self.probe_tokens,
-            answers=self.data.answered, resolved=self.resolved.report(), held_back=held_back(kl_start, kl_fit),
+            answers=self.data.answered, resolved=self.resolved.report(), held_back=held_back(kl_start, kl_fit, self.job.retain_row),
         )
         self.checkpoints.remove()
         LOG.info("dam: trained in %.1f s; held-out KL per expert, linear average -> DAM (DAM on as many training examples): %s",
                  report.seconds, {row: f"{kl_start[row]:.4f} -> {kl_end[row]:.4f} ({kl_fit[row]:.4f})" for row in kl_end})
-        conflict = conflict_line(kl_start, kl_fit, settings.granularity)
+        conflict = conflict_line(kl_start, kl_fit, settings.granularity, self.job.retain_row)
         if conflict and distributed.is_main():
             LOG.warning("%s", conflict)
         return TrainingResult(coefficients, report)
