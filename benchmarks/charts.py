@@ -14,8 +14,8 @@
   gpu_step_vs_floor.png  DAM's training step against the plain-model floor measured in the same
                          run, per geometry, teachers and kernels/recompute setting: the newest
                          train-step results among benchmarks/results/gpu_check_*.json
-  evolution.png          the compare chart of BENCHMARKS.md's "DAM against evolutionary merging at
-                         matched compute" (evolution_2026-11-26/compare.json)
+  evolution.png          the compare chart of BENCHMARKS.md's "DAM against evolutionary merging"
+                         (the recipe-1 lab; evolution_2026-11-26/compare.json)
 
 Every number drawn is read from those files.
 """

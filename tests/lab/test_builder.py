@@ -110,3 +110,28 @@ def test_check_reference_says_whether_the_lab_figures_apply(recipe, print_, expe
     caplog.set_level("INFO", logger="mergekit_dam")
     assert check_reference({"recipe": asdict(recipe), "fingerprint": print_}) is expected
     assert said in caplog.text and (said or not caplog.text)
+
+
+def test_each_expert_is_trained_to_its_validation_plateau_and_keeps_its_best_check(tmp_path):
+    """The expert written is the best validation check's (exact match, then answer NLL; rescored
+    here from the checkpoint), and the training stopped `patience` checks after the best."""
+    from mergekit_dam.tools.compare import Scorer
+
+    recipe = Recipe(**{**TINY.__dict__, "finetune_steps": 16, "finetune_check": 2, "finetune_patience": 2})
+    manifest = build(str(tmp_path), recipe, progress=False)
+    for skill in SKILLS:
+        log = manifest["training"][skill]
+        curve = log["curve"]
+        assert [point["step"] for point in curve] == list(range(2, log["steps"] + 1, 2))
+        def rank(i):  # the better check: higher exact match, then lower NLL, then the earlier
+            return curve[i]["validation_accuracy"], -curve[i]["validation_nll"], -i
+        best = max(range(len(curve)), key=rank)
+        assert (log["best_step"], log["validation_accuracy"]) == (curve[best]["step"], curve[best]["validation_accuracy"])
+        def stops(k):  # the rule at the k-th check: 2 checks since the best so far
+            return k - max(range(k + 1), key=rank) >= 2
+        assert not any(stops(k) for k in range(len(curve) - 1))
+        assert log["steps"] == recipe.finetune_steps or stops(len(curve) - 1)
+        validation = [json.loads(line) for line in open(manifest["skills"][skill]["validation"])]
+        rescored = Scorer(manifest["skills"][skill]["expert"])
+        assert rescored.accuracy(validation) == log["validation_accuracy"]
+        assert rescored.nll(validation) == pytest.approx(log["validation_nll"], rel=1e-4)
