@@ -241,7 +241,7 @@ class Plateau:
                 "validation_accuracy": self.best, "validation_nll": self.best_nll, "curve": self.curve}
 
 
-def _expert(root: str, recipe: Recipe, index: int, skill: str, draw, base, config, tokenizer) -> dict:
+def _expert(root: str, recipe: Recipe, index: int, skill: str, draw, base, config, tokenizer) -> tuple:
     """Write skill `index`'s data splits and fine-tune its expert from the base to its validation
     plateau: its manifest entry (the paths) and its training log."""
     from transformers import AutoModelForCausalLM
