@@ -44,15 +44,14 @@ def test_the_kl_on_training_examples_is_the_held_out_measure(lab, tmp_path):
             record = handle.readline()
         data.append(tmp_path / f"same{k}.jsonl")
         data[-1].write_text(record * 30)
-    config = lab_config({**lab, "data": [str(d) for d in data]}, tmp_path / "c.safetensors", steps=20)
+    config = lab_config({**lab, "data": [str(d) for d in data]}, tmp_path / "c.safetensors", steps=40)  # 20 left the recipe-2 small lab's shift above its start
     train_stage(config)
     report = json.loads((tmp_path / "c.report.json").read_text())
     final = report["held_out_kl"]["final"]
     assert set(report["training_kl"]) == set(final) == set(lab["experts"])
     for expert in final:
         assert report["training_kl"][expert] == pytest.approx(final[expert], rel=1e-5)
-    # the coefficients did train (one expert may give ground to its partners: the sum is what falls)
-    assert sum(final.values()) < sum(report["held_out_kl"]["step_0_linear_average"].values())
+        assert final[expert] < report["held_out_kl"]["step_0_linear_average"][expert]
 
 
 def test_topk_teacher_and_effective_nonlinear_coefficients(lab, tmp_path):
