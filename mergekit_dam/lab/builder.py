@@ -246,13 +246,12 @@ def _expert(root: str, recipe: Recipe, index: int, skill: str, draw, base, confi
     plateau: its manifest entry (the paths) and its training log."""
     from transformers import AutoModelForCausalLM
 
-    files, validation = {}, []
+    files, records = {}, {}
     for split, count in (("train", recipe.calibration), ("validation", recipe.validation), ("held_out", recipe.held_out)):
         examples = sample(draw, split, count, torch.Generator().manual_seed(recipe.seed + 1000 * (index + 1) + SPLITS.index(split)))
-        records = [{"text": p + a} for p, a in examples] if split == "train" else [{"prompt": p, "answer": a} for p, a in examples]
-        validation = records if split == "validation" else validation
         name = "calibration" if split == "train" else split
-        files[name] = _write_jsonl(os.path.join(root, "data", f"{skill}.{name}.jsonl"), records)
+        records[name] = [{"text": p + a} for p, a in examples] if split == "train" else [{"prompt": p, "answer": a} for p, a in examples]
+        files[name] = _write_jsonl(os.path.join(root, "data", f"{skill}.{name}.jsonl"), records[name])
 
     train_generator = torch.Generator().manual_seed(recipe.seed + 100 + index)
     expert = AutoModelForCausalLM.from_config(config)
@@ -260,7 +259,7 @@ def _expert(root: str, recipe: Recipe, index: int, skill: str, draw, base, confi
     def texts() -> List[str]:
         return ["".join(pair) for pair in sample(draw, "train", recipe.batch, train_generator, unique=False)]
 
-    plateau = Plateau(expert, tokenizer, validation, recipe.finetune_patience) if recipe.finetune_check else None
+    plateau = Plateau(expert, tokenizer, records["validation"], recipe.finetune_patience) if recipe.finetune_check else None
     fine_tune(expert, text_batches(tokenizer, texts), recipe.finetune_steps, recipe.lr, clip=recipe.finetune_clip,
               check=plateau, every=recipe.finetune_check)
     training = plateau.restore() if plateau else {"steps": recipe.finetune_steps}
